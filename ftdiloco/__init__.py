@@ -1,0 +1,1 @@
+"""ftdiloco: fault-tolerant DiLoCo training for replica groups that come and go."""

@@ -1,0 +1,8 @@
+"""The ftdiloco lighthouse: decides, for every outer step, which replica groups take part.
+
+It imports no torch, so the daemon starts in well under a second.
+"""
+
+from lighthouse.quorum import Member, Quorum, QuorumConfig, QuorumCore
+
+__all__ = ["Member", "Quorum", "QuorumConfig", "QuorumCore"]
