@@ -1,0 +1,482 @@
+"""One Manager per training process: a quorum per outer step, and the commit vote.
+
+The training thread calls, once per outer step::
+
+    manager.start_quorum()          # join, rebuild the cross-group group, heal if behind
+    work = manager.allreduce(grads) # average over the live groups (errors recorded)
+    work.wait()
+    if manager.should_commit():     # the group's vote; True -> step += 1
+        ...apply the outer step...
+
+Nothing here raises for a failure of the distributed kind (a peer died, a
+deadline passed, the lighthouse is away): the step is marked failed, the vote
+says no, and the next ``start_quorum`` starts clean.  Blocking work (connecting
+a process group, waiting on a collective) runs on a side thread so the
+training thread can give up on it at its deadline, or at once when the
+lighthouse reports that a member of the quorum died.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+import torch
+from aiohttp import web
+from torch._C._distributed_c10d import TCPStore
+
+from ftdiloco import process_group
+from ftdiloco.config import Config
+from ftdiloco.group import GroupGather, contribute_remote
+from ftdiloco.plan import QuorumPlan, plan_quorum
+from lighthouse import protocol
+from lighthouse.background import BackgroundLoop
+from lighthouse.client import AsyncLighthouseClient, LivenessLink
+from lighthouse.quorum import Member, Quorum
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+StateSave = Callable[[], dict[str, torch.Tensor]]
+StateLoad = Callable[[dict[str, torch.Tensor]], None]
+
+BUCKET_BYTES = 16 << 20
+
+
+class MemberLost(RuntimeError):
+    """The lighthouse reported that a member of the current quorum died."""
+
+
+@dataclass(frozen=True)
+class _State:
+    save: StateSave
+    load: StateLoad
+
+
+class Work:
+    """An allreduce in flight; ``wait`` returns whether it succeeded."""
+
+    def __init__(self, finish: Callable[[], bool]) -> None:
+        self._finish = finish
+        self._ok: bool | None = None
+
+    def wait(self) -> bool:
+        if self._ok is None:
+            self._ok = self._finish()
+        return self._ok
+
+    @classmethod
+    def done(cls, ok: bool) -> Work:
+        return cls(lambda: ok)
+
+
+class Manager:
+    def __init__(self, config: Config | None = None, *, backend: str | None = None) -> None:
+        self.config = config if config is not None else Config.from_env()
+        cfg = self.config
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.group_rank = cfg.rank
+        self.group_size = cfg.world_size
+        self._log = log.bind(replica=cfg.replica_id, group_rank=cfg.rank)
+        self._step = 0
+        self._commit_failures = 0
+        self._rounds = 0
+        self._plan: QuorumPlan | None = None
+        self._pg: process_group.CrossGroup | None = None
+        self._pg_quorum_id: int | None = None
+        self._error: BaseException | None = None
+        self._abort: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._states: dict[str, _State] = {}
+        self._buckets: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+        self._loop = BackgroundLoop(f"ftdiloco-{cfg.replica_id}-{cfg.rank}")
+        self._headers = {protocol.TOKEN_HEADER: f"Bearer {cfg.token}"} if cfg.token else {}
+        self._lighthouse: AsyncLighthouseClient | None = None
+        self._liveness: LivenessLink | None = None
+        self._store: TCPStore | None = None
+        self._runner: web.AppRunner | None = None
+        self.address = self._loop.run(self._serve(), timeout=30)
+        if self.group_rank == 0:
+            self._store = process_group.host_store(cfg.host, 0, cfg.collective_timeout)
+            self._loop.run(self._connect_lighthouse(), timeout=30)
+        self._leader_url = self._find_leader()
+        self._log.info("manager ready", address=self.address, leader=self._leader_url)
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Outer steps committed so far (after a heal: the donors' step)."""
+        return self._step
+
+    @property
+    def plan(self) -> QuorumPlan | None:
+        return self._plan
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the current outer step failed, if it did."""
+        return self._error
+
+    def num_participants(self) -> int:
+        return self._plan.replica_world_size if self._plan is not None else 0
+
+    def register_state(self, name: str, save: StateSave, load: StateLoad) -> None:
+        """Replicated state that heals and checkpoints carry (weights, optimizer state).
+
+        ``save`` returns tensors that stay unchanged from ``start_quorum`` until
+        the commit, so they can be served to a recovering peer meanwhile.
+        """
+        if "/" in name or name in self._states:
+            raise ValueError(f"state name {name!r} is taken or contains '/'")
+        self._states[name] = _State(save, load)
+
+    def report_error(self, error: BaseException) -> None:
+        """Fail the current outer step (the vote will say no)."""
+        if self._error is None:
+            self._error = error
+            self._log.warning("outer step failed", step=self._step, error=repr(error))
+
+    def start_quorum(self) -> QuorumPlan | None:
+        """Join this outer step's quorum; on return the group may allreduce."""
+        self._error = None
+        self._abort = concurrent.futures.Future()
+        started = time.perf_counter()
+        try:
+            quorum = self._round("quorum", self._quorum_contribution())["quorum"]
+            info = protocol.decode_quorum(quorum)
+            plan = plan_quorum(
+                info, self.config.replica_id, self.group_rank, init_sync=self.config.init_sync
+            )
+            self._plan = plan
+            self._reconfigure(plan)
+            if plan.heal:
+                self._heal(plan)
+        except Exception as e:
+            self.report_error(e)
+            self._drop_process_group()
+            return self._plan
+        self._log.info(
+            "quorum",
+            quorum_id=plan.quorum_id,
+            participants=plan.replica_world_size,
+            replica_rank=plan.replica_rank,
+            step=self._step,
+            max_step=plan.max_step,
+            healed=plan.heal,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+        return plan
+
+    def allreduce(self, tensors: Sequence[torch.Tensor]) -> Work:
+        """Average ``tensors`` in place over the groups that contribute this step.
+
+        Groups that healed in this quorum contribute zeros and are not counted,
+        so a freshly healed group does not dilute the others' progress.
+        """
+        plan, pg = self._plan, self._pg
+        if plan is None or (self._error is not None and not plan.heal):
+            # Abort rather than stay away: peers waiting in this collective fail
+            # at once instead of at their deadline, and everyone rolls back.
+            self._drop_process_group()
+            return Work.done(False)
+        if plan.heal:
+            for t in tensors:
+                t.zero_()
+        if plan.replica_world_size == 1:
+            return Work.done(self._error is None)  # the average of one is the input
+        if pg is None:
+            self.report_error(RuntimeError("no process group for this quorum"))
+            return Work.done(False)
+        contributors = max(1, plan.replica_world_size - len(plan.recovering))
+        try:
+            pending = [(flat, parts, pg.allreduce([flat])) for flat, parts in self._pack(tensors)]
+        except Exception as e:
+            self.report_error(e)
+            self._drop_process_group()
+            return Work.done(False)
+
+        def finish() -> None:
+            for flat, parts, work in pending:
+                work.wait()
+                for t, offset in parts:
+                    src = flat if offset < 0 else flat[offset : offset + t.numel()].view_as(t)
+                    torch.div(src, contributors, out=t)
+
+        future = _start_thread(finish, "allreduce")
+        return Work(lambda: self._finish(future))
+
+    def should_commit(self) -> bool:
+        """The group's vote: commit only if every rank succeeded and enough groups took part."""
+        ok = self._error is None
+        try:
+            commit = bool(self._round("vote", {"ok": ok})["commit"])
+        except Exception as e:
+            self.report_error(e)
+            commit = False
+        if commit:
+            self._step += 1
+            self._commit_failures = 0
+        else:
+            self._commit_failures += 1
+            self._drop_process_group()
+        self._log.info(
+            "outer step committed" if commit else "outer step rolled back",
+            step=self._step,
+            commit_failures=self._commit_failures,
+            error=repr(self._error) if self._error is not None else None,
+        )
+        return commit
+
+    def close(self) -> None:
+        """Leave: the lighthouse drops this group at once instead of at a timeout."""
+        self._drop_process_group()
+        try:
+            self._loop.run(self._shutdown(), timeout=10)
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the group round (rank 0 answers for every rank) ----------------------------
+
+    def _quorum_contribution(self) -> dict[str, Any]:
+        return {"step": self._step, "commit_failures": self._commit_failures, "heal": self.address}
+
+    def _round(self, kind: str, value: dict[str, Any]) -> dict[str, Any]:
+        self._rounds += 1
+        timeout = self.config.quorum_timeout if kind == "quorum" else self.config.collective_timeout
+        round_no = self._rounds
+        if self.group_rank == 0:
+            coro = self._gather.contribute(kind, round_no, 0, value, timeout)
+        else:
+            coro = contribute_remote(
+                self._session,
+                self._leader_url,
+                kind,
+                round_no,
+                self.group_rank,
+                value,
+                timeout,
+                self._headers,
+            )
+        return self._loop.run(coro, timeout=timeout + 10)
+
+    async def _decide_quorum(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        assert self._lighthouse is not None and self._store is not None
+        lead = values[0]
+        member = Member(
+            replica_id=self.config.replica_id,
+            address=self.address,
+            store_address=f"{self.config.host}:{self._store.port}",
+            step=lead["step"],
+            world_size=self.group_size,
+            commit_failures=lead["commit_failures"],
+            data={"heal": [values[r]["heal"] for r in range(self.group_size)]},
+        )
+        info = await self._lighthouse.join(member, timeout=self.config.quorum_timeout)
+        quorum = Quorum(info.quorum_id, info.members, info.created)
+        return {"quorum": protocol.encode_quorum(quorum, info.created)}
+
+    async def _decide_vote(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        plan = self._plan
+        enough = plan is not None and plan.replica_world_size >= self.config.min_replicas
+        return {"commit": enough and all(v["ok"] for v in values.values())}
+
+    # -- servers and connections (on the background loop) -------------------------
+
+    async def _serve(self) -> str:
+        app = web.Application(client_max_size=protocol.MAX_MESSAGE_BYTES)
+        self._gather = GroupGather(
+            self.group_size, {"quorum": self._decide_quorum, "vote": self._decide_vote}
+        )
+        if self.group_rank == 0:
+            self._gather.add_routes(app, self._token_ok)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = self.config.manager_port if self.group_rank == 0 else 0
+        site = web.TCPSite(runner, self.config.host, port)
+        await site.start()
+        self._runner = runner
+        self._session = aiohttp.ClientSession()
+        sockets = site._server.sockets if site._server is not None else []  # type: ignore[attr-defined]
+        bound = sockets[0].getsockname()[1]
+        return f"http://{self.config.host}:{bound}"
+
+    def _token_ok(self, request: web.Request) -> bool:
+        expected = self._headers.get(protocol.TOKEN_HEADER)
+        if expected is None:
+            return True
+        given = request.headers.get(protocol.TOKEN_HEADER, "")
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def _connect_lighthouse(self) -> None:
+        cfg = self.config
+        self._lighthouse = AsyncLighthouseClient(list(cfg.lighthouse), cfg.token)
+        self._liveness = self._lighthouse.liveness(
+            cfg.replica_id, self._on_lighthouse_event, interval=cfg.heartbeat_interval
+        )
+        await self._liveness.start()
+
+    def _on_lighthouse_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == protocol.EVENT_MEMBER_LOST:
+            lost = protocol.decode_member_lost(event)
+            plan = self._plan
+            if plan is not None and lost.replica_id in plan.participants:
+                self._log.warning("quorum member lost", member=lost.replica_id, cause=lost.cause)
+                if not self._abort.done():
+                    self._abort.set_result(lost.replica_id)
+        elif kind == "kill":
+            self._log.error("killed by the lighthouse operator", reason=event.get("reason"))
+            os._exit(70)
+
+    async def _shutdown(self) -> None:
+        if self._liveness is not None:
+            await self._liveness.stop()
+        if self._lighthouse is not None:
+            await self._lighthouse.close()
+        await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _find_leader(self) -> str:
+        """Group rank 0's manager address, shared through torchrun's store."""
+        if self.group_size == 1:
+            return self.address
+        cfg = self.config
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = f"ftdiloco/leader/{attempt}"
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = TCPStore(
+            cfg.master_addr,
+            cfg.master_port,
+            is_master=self.group_rank == 0 and not agent_store,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=cfg.quorum_timeout),
+        )
+        if self.group_rank == 0:
+            store.set(key, self.address)
+            self._leader_store = store
+            return self.address
+        return store.get(key).decode()
+
+    # -- the cross-group process group ------------------------------------------------
+
+    def _reconfigure(self, plan: QuorumPlan) -> None:
+        if self._pg is not None and self._pg_quorum_id == plan.quorum_id:
+            return
+        self._drop_process_group()
+        if plan.replica_world_size == 1:
+            return
+        cfg = self.config
+        self._pg = self._await(
+            _start_thread(
+                lambda: process_group.connect(
+                    backend=self.backend,
+                    store_address=plan.store_address,
+                    prefix=plan.store_prefix,
+                    rank=plan.replica_rank,
+                    world_size=plan.replica_world_size,
+                    timeout=cfg.collective_timeout,
+                    host=cfg.host,
+                ),
+                "connect",
+            ),
+            cfg.collective_timeout,
+            "connect",
+        )
+        self._pg_quorum_id = plan.quorum_id
+
+    def _drop_process_group(self) -> None:
+        pg, self._pg, self._pg_quorum_id = self._pg, None, None
+        if pg is not None:
+            process_group.abort(pg)
+
+    def _heal(self, plan: QuorumPlan) -> None:
+        raise NotImplementedError("healing arrives with the transport")
+
+    def _pack(
+        self, tensors: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]]:
+        """Flat buffers of at most BUCKET_BYTES; several buckets pipeline copy and send.
+
+        A single contiguous tensor goes as it is (offset -1 marks "no copy").
+        """
+        if len(tensors) == 1 and tensors[0].is_contiguous():
+            return [(tensors[0], [(tensors[0], -1)])]
+        groups: list[list[torch.Tensor]] = []
+        size = 0
+        for t in tensors:
+            same = groups and groups[-1][0].dtype == t.dtype and groups[-1][0].device == t.device
+            if not same or size + t.numel() * t.element_size() > BUCKET_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.numel() * t.element_size()
+        packed = []
+        for index, group in enumerate(groups):
+            numel = sum(t.numel() for t in group)
+            key = (index, group[0].dtype, group[0].device, numel)
+            cached = self._buckets.get(key)
+            flat = (
+                cached[0]
+                if cached
+                else torch.empty(numel, dtype=group[0].dtype, device=group[0].device)
+            )
+            self._buckets[key] = [flat]
+            parts, offset = [], 0
+            for t in group:
+                flat[offset : offset + t.numel()].view_as(t).copy_(t)
+                parts.append((t, offset))
+                offset += t.numel()
+            packed.append((flat, parts))
+        return packed
+
+    def _await(self, future: concurrent.futures.Future[T], timeout: float, what: str) -> T:
+        """Wait for side-thread work, giving up at the deadline or when a member dies."""
+        watched: list[concurrent.futures.Future[Any]] = [future, self._abort]
+        done, _ = concurrent.futures.wait(
+            watched, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        if future in done:
+            return future.result()
+        if self._abort in done:
+            raise MemberLost(f"{what} abandoned: quorum member {self._abort.result()} died")
+        raise TimeoutError(f"{what} missed its {timeout:g}s deadline")
+
+    def _finish(self, future: concurrent.futures.Future[None]) -> bool:
+        try:
+            self._await(future, self.config.collective_timeout, "allreduce")
+        except Exception as e:
+            self.report_error(e)
+            self._drop_process_group()
+            return False
+        return self._error is None
+
+
+def _start_thread(fn: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
+    """Run ``fn`` on a fresh daemon thread: an abandoned call must not block the next one."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=target, name=f"ftdiloco-{name}", daemon=True).start()
+    return future

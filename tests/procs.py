@@ -1,0 +1,107 @@
+"""Real processes for integration tests: started here, ended here, by PID.
+
+Each child's output is read on a thread into a queue so a test can await a
+line ("listening on", "HANGING") with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.lines: queue.Queue[str | None] = queue.Queue()  # None: the output ended
+        self.output: list[str] = []
+        self.popen = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first (not yet consumed) line containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self.name}: no line with {text!r} in {timeout}s:\n{self.tail()}"
+                )
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.lines.put(None)
+                code = self.popen.wait()
+                msg = f"{self.name} exited ({code}) before printing {text!r}:\n{self.tail()}"
+                raise EOFError(msg)
+            if text in line:
+                return line
+
+    def send(self, line: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to say goodbye."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.output[-n:])
+
+
+@contextmanager
+def process_pool() -> Iterator[list[Proc]]:
+    """Every process a test starts goes in here; all are killed at the end."""
+    procs: list[Proc] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def start_lighthouse(procs: list[Proc], *flags: str, port: int = 0) -> tuple[Proc, str]:
+    proc = Proc(
+        "lighthouse",
+        [sys.executable, "-m", "lighthouse.cli", "--bind", f"127.0.0.1:{port}", *flags],
+    )
+    procs.append(proc)
+    line = proc.wait_for("lighthouse listening on", timeout=30)
+    return proc, line.strip().rsplit(" ", 1)[-1]

@@ -1,0 +1,92 @@
+"""A replica-group process for the integration tests: DiLoCo on a tiny model.
+
+Configured like any training script (torchrun's variables, REPLICA_GROUP_ID,
+FTDILOCO_*), plus test-only knobs:
+  WORKER_LOG       JSONL file: one record per outer step (step, committed,
+                   participants, hash of the global weights and outer state)
+  WORKER_STEPS     stop after this many committed outer steps
+  WORKER_HANG_AT   at this manager step, stop before the allreduce, print
+                   "HANGING" and wait to be killed (so peers are mid-allreduce)
+  WORKER_PAUSE_AT  at this manager step, print "PAUSED" between syncs and wait
+                   for a line on stdin (so the test can kill it between syncs)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
+from ftdiloco.manager import Manager
+from lighthouse import logs
+
+
+def state_hash(diloco: DiLoCo) -> str:
+    outer = optimizer_tensors("outer", diloco.outer_optimizer)
+    return tensors_hash([*diloco.backup, *(outer[k] for k in sorted(outer))])
+
+
+def main() -> None:
+    logs.configure("json")
+    steps = int(os.environ.get("WORKER_STEPS", "6"))
+    hang_at = int(os.environ.get("WORKER_HANG_AT", "-1"))
+    pause_at = int(os.environ.get("WORKER_PAUSE_AT", "-1"))
+    out = open(os.environ["WORKER_LOG"], "a", buffering=1)  # noqa: SIM115
+
+    torch.manual_seed(0)  # every group starts from the same weights
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    manager = Manager()
+    group = int(manager.config.replica_group_id) * 100 + manager.config.rank
+    data = torch.Generator().manual_seed(group)
+
+    with manager, DiLoCo(manager, model, inner, outer, sync_every=4) as diloco:
+        reported = None
+        while manager.step < steps:
+            if manager.step == hang_at and diloco._inner_steps % 4 == 3:
+                manager.allreduce = _hang  # type: ignore[method-assign]
+            x = torch.randn(16, 32, generator=data)
+            loss = (model(x) - x[:, :8]).pow(2).mean()
+            loss.backward()
+            inner.step()
+            inner.zero_grad()
+            report = diloco.last_sync
+            if report is not None and report is not reported:
+                reported = report
+                pairs = zip(diloco.params, diloco.backup, strict=True)
+                rolled_back_ok = report.committed or all(
+                    torch.equal(p.detach().cpu(), b) for p, b in pairs
+                )
+                record = {
+                    "group": manager.config.replica_group_id,
+                    "rank": manager.config.rank,
+                    "step": report.step,
+                    "committed": report.committed,
+                    "participants": report.participants,
+                    "quorum_id": report.quorum_id,
+                    "seconds": report.seconds,
+                    "hash": state_hash(diloco),
+                    "rolled_back_to_backup": rolled_back_ok,
+                    "time": time.time(),
+                }
+                out.write(json.dumps(record) + "\n")
+                if manager.step == pause_at:
+                    print("PAUSED", flush=True)
+                    sys.stdin.readline()
+    print("DONE", flush=True)
+
+
+def _hang(tensors: object) -> object:
+    print("HANGING", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
