@@ -1,0 +1,268 @@
+"""Train a small byte-level GPT with fault-tolerant DiLoCo.
+
+Run one replica group per command; groups can start, crash and rejoin at any
+time while the lighthouse decides who takes part in each outer step::
+
+    lighthouse --bind 127.0.0.1:29510 --min-replicas 1 &
+    FTDILOCO_LIGHTHOUSE=http://127.0.0.1:29510 REPLICA_GROUP_ID=0 NUM_REPLICA_GROUPS=3 \\
+      torchrun --nproc_per_node=1 --master_port=29600 examples/train_diloco.py --outer-steps 20
+
+(repeat with REPLICA_GROUP_ID=1 and 2, each with its own --master_port).
+
+The script is an ordinary training loop; the library adds two lines, the
+``Manager`` (this group's membership in each outer step) and ``DiLoCo``
+(which runs the outer step inside every ``sync_every``-th ``inner_opt.step()``).
+Every group initialises the model from the same seed, so all start from the
+same global weights, and reads its own shard of the data.  Ranks within a
+group (``--nproc_per_node`` > 1) each read a shard too and average their
+gradients, i.e. plain data parallelism inside the group.  Runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from model import GPT, MODEL_SIZES, ByteDataset, default_corpus, load_corpus
+from torch.utils.data import DataLoader
+
+from ftdiloco.config import Config
+from ftdiloco.data import ShardSampler
+from lighthouse import logs
+
+if TYPE_CHECKING:
+    from ftdiloco.diloco import SyncReport
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train a small byte-level GPT with fault-tolerant DiLoCo.",
+        epilog="Replica group and rank come from REPLICA_GROUP_ID, NUM_REPLICA_GROUPS and "
+        "torchrun; the lighthouse from FTDILOCO_LIGHTHOUSE.",
+    )
+    parser.add_argument(
+        "--outer-steps", type=int, default=20, help="committed outer steps to run (%(default)s)"
+    )
+    parser.add_argument(
+        "--sync-every", type=int, default=50, help="inner steps per outer step (%(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per inner step (%(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="inner AdamW learning rate (%(default)s)"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.1, help="inner AdamW decay (%(default)s)"
+    )
+    parser.add_argument(
+        "--grad-clip", type=float, default=1.0, help="max gradient norm (%(default)s)"
+    )
+    parser.add_argument(
+        "--outer-lr", type=float, default=0.7, help="outer Nesterov SGD rate (%(default)s)"
+    )
+    parser.add_argument(
+        "--outer-momentum", type=float, default=0.9, help="outer momentum (%(default)s)"
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="PATH",
+        help="text file or directory to train on (repeatable); without it, the Python "
+        "standard library's own source",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="model init and data order (%(default)s)"
+    )
+    parser.add_argument(
+        "--model-size",
+        choices=sorted(MODEL_SIZES),
+        default="small",
+        help="tiny for tests and smoke runs (%(default)s)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("outer_steps", "sync_every", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def build_model(size: str, seed: int) -> GPT:
+    # Seeded identically on every group and rank, so that all start from the
+    # same global weights and the ranks of a group stay in lockstep.
+    torch.manual_seed(seed)
+    return GPT(MODEL_SIZES[size])
+
+
+def build_optimizers(
+    model: GPT, args: argparse.Namespace
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """AdamW inside a group, Nesterov SGD across groups: the DiLoCo paper's pairing."""
+    inner = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
+    )
+    outer = torch.optim.SGD(
+        model.parameters(), lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True
+    )
+    return inner, outer
+
+
+def shard_of(config: Config) -> tuple[int, int]:
+    """(replica group index, number of groups) for the sampler, from the environment."""
+    groups = config.num_replica_groups or 1
+    group_id = config.replica_group_id
+    if not group_id.isdigit() or int(group_id) >= groups:
+        raise SystemExit(
+            f"REPLICA_GROUP_ID={group_id!r} must be an integer below NUM_REPLICA_GROUPS="
+            f"{groups} (set NUM_REPLICA_GROUPS so that each group reads its own shard)"
+        )
+    return int(group_id), groups
+
+
+def build_loader(
+    corpus: bytes, block_size: int, batch_size: int, seed: int, config: Config
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    dataset = ByteDataset(corpus, block_size)
+    group, groups = shard_of(config)
+    sampler = ShardSampler(
+        len(dataset),
+        replica_group=group,
+        num_replica_groups=groups,
+        rank=config.rank,
+        world_size=config.world_size,
+        seed=seed,
+    )
+    if len(sampler) < batch_size:
+        raise SystemExit(
+            f"each shard has {len(sampler)} sequences, fewer than --batch-size={batch_size}: "
+            "give more --data or use fewer groups or ranks"
+        )
+    # drop_last: every batch has the same shape, and every rank the same
+    # number of batches (the shards are equally long), so the gradient
+    # allreduce never waits for a rank that ran out.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+
+
+def forever(
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches without end; the sampler moves to a new epoch (a new order) each pass."""
+    while True:
+        yield from loader
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Data parallelism within the group: every rank then takes the same inner step."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+
+
+def sync_line(report: SyncReport, loss: float) -> str:
+    outcome = "committed" if report.committed else "rolled back"
+    healed = " | healed" if report.healed else ""
+    return (
+        f"outer step {report.step} | loss {loss:.3f} | participants {report.participants} | "
+        f"sync {report.seconds:.3f}s | sent {report.bytes_sent / 1e6:.1f} MB | {outcome}{healed}"
+    )
+
+
+class Progress:
+    """A one-line inner-step counter, only on a terminal: in a log file it is noise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stdout.isatty()
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            print(f"\r{text}", end="", flush=True)
+
+    def clear(self) -> None:
+        if self.enabled:
+            print("\r\x1b[K", end="", flush=True)  # back to column 0, erase the line
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported here, not above, so that `--help` and the helpers above work
+    # (and are tested) without the fault-tolerance machinery.
+    from ftdiloco.diloco import DiLoCo
+    from ftdiloco.manager import Manager
+
+    logs.configure()
+    # Read (and validate) the environment before building anything.
+    config = Config.from_env()
+    leader = config.rank == 0  # the group's rank 0 speaks for it
+    if config.world_size > 1:
+        dist.init_process_group("gloo")  # torchrun's env:// rendezvous, this group only
+
+    model = build_model(args.model_size, args.seed)
+    corpus = load_corpus(args.data) if args.data else default_corpus()
+    loader = build_loader(corpus, model.config.block_size, args.batch_size, args.seed, config)
+    inner_opt, outer_opt = build_optimizers(model, args)
+    if leader:
+        print(
+            f"group {config.replica_group_id} | {args.model_size} model, "
+            f"{model.num_parameters() / 1e6:.2f}M parameters | {len(corpus) / 1e6:.1f} MB of "
+            f"text, {len(loader)} batches per epoch per rank",
+            flush=True,
+        )
+
+    progress = Progress(leader)
+    losses: list[float] = []  # inner losses since the last outer step
+    last_loss = math.nan
+    rolled_back = inner_steps = 0
+    started = time.monotonic()
+    with (
+        Manager(config) as manager,
+        DiLoCo(manager, model, inner_opt, outer_opt, sync_every=args.sync_every) as diloco,
+    ):
+        previous = diloco.last_sync
+        for x, y in forever(loader):
+            _, loss = model(x, y)
+            assert loss is not None  # targets were given
+            loss.backward()
+            if config.world_size > 1:
+                average_gradients(model, config.world_size)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            inner_opt.step()  # every sync_every-th step also runs the outer step
+            inner_opt.zero_grad(set_to_none=True)
+            inner_steps += 1
+            losses.append(loss.item())
+
+            report = diloco.last_sync
+            if report is not None and report is not previous:
+                previous = report
+                last_loss = sum(losses) / len(losses)
+                losses.clear()
+                rolled_back += not report.committed
+                progress.clear()
+                if leader:
+                    print(sync_line(report, last_loss), flush=True)
+            else:
+                progress.show(f"inner step {len(losses)}/{args.sync_every}")
+            if manager.step >= args.outer_steps:
+                break
+        committed = manager.step
+
+    if leader:
+        print(
+            f"done | {committed} outer steps committed, {rolled_back} rolled back | "
+            f"{inner_steps} inner steps in {time.monotonic() - started:.1f}s | "
+            f"final loss {last_loss:.3f}",
+            flush=True,
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

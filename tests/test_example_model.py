@@ -1,0 +1,247 @@
+"""The example GPT, its byte data, and the training script's pieces (all but the loop)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftdiloco.config import Config
+
+# The examples import each other as siblings, the way `torchrun examples/x.py` runs them.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import train_diloco  # noqa: E402
+from model import (  # noqa: E402
+    GPT,
+    MODEL_SIZES,
+    ByteDataset,
+    GPTConfig,
+    default_corpus,
+    load_corpus,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tensors this small gain nothing from threads, and on a busy machine they spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(TINY)
+
+
+@pytest.mark.parametrize(
+    ("size", "low", "high"), [("tiny", 50_000, 300_000), ("small", 3_000_000, 5_000_000)]
+)
+def test_parameter_counts(size: str, low: int, high: int) -> None:
+    model = GPT(MODEL_SIZES[size])
+    assert low <= model.num_parameters() <= high
+    assert model.lm_head.weight is model.wte.weight  # tied
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    a, b, c = tiny_model(1).state_dict(), tiny_model(1).state_dict(), tiny_model(2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["wte.weight"], c["wte.weight"])
+
+
+def test_initial_loss_is_that_of_a_uniform_guess() -> None:
+    model = tiny_model()
+    x, y = torch.randint(0, 256, (2, 8, TINY.block_size))
+    logits, loss = model(x, y)
+    assert logits.shape == (8, TINY.block_size, 256)
+    assert loss is not None
+    assert loss.item() == pytest.approx(math.log(256), abs=0.15)
+    assert model(x)[1] is None
+
+
+def test_a_few_adamw_steps_reduce_the_loss() -> None:
+    model = tiny_model()
+    x, y = torch.randint(
+        0, 256, (2, 4, TINY.block_size), generator=torch.Generator().manual_seed(0)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        assert loss is not None
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_the_model_is_causal() -> None:
+    model = tiny_model().eval()
+    x = torch.randint(0, 256, (3, TINY.block_size))
+    changed = x.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 256
+    before, _ = model(x)
+    after, _ = model(changed)
+    torch.testing.assert_close(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10], after[:, 10])
+
+
+def test_sequences_longer_than_the_block_are_refused() -> None:
+    with pytest.raises(ValueError, match="block_size=16"):
+        tiny_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_heads_must_divide_the_width() -> None:
+    with pytest.raises(ValueError, match="n_head=3"):
+        GPTConfig(n_embd=32, n_head=3)
+
+
+def test_byte_dataset_windows() -> None:
+    data = bytes(range(23))
+    dataset = ByteDataset(data, block_size=5)
+    assert len(dataset) == 4  # windows start at 0, 5, 10, 15; 20 would need bytes up to 25
+    x, y = dataset[1]
+    assert x.dtype == y.dtype == torch.long
+    assert x.tolist() == [5, 6, 7, 8, 9]
+    assert y.tolist() == [6, 7, 8, 9, 10]
+    # Every byte after the first is a target exactly once.
+    targets = [t for i in range(len(dataset)) for t in dataset[i][1].tolist()]
+    assert targets == list(range(1, 21))
+    with pytest.raises(IndexError):
+        dataset[4]
+
+
+@pytest.mark.parametrize(("size", "windows"), [(0, 0), (1, 0), (5, 0), (6, 1), (11, 2)])
+def test_byte_dataset_length_at_the_edges(size: int, windows: int) -> None:
+    assert len(ByteDataset(b"a" * size, block_size=5)) == windows
+
+
+def test_default_corpus_is_python_source_and_deterministic() -> None:
+    corpus = default_corpus(1 << 20)
+    assert len(corpus) == 1 << 20
+    assert corpus == default_corpus(1 << 20)
+    assert b"def " in corpus and b"import " in corpus
+    assert default_corpus(1000) == corpus[:1000]
+
+
+def test_load_corpus_reads_files_and_directories_in_order(tmp_path: Path) -> None:
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "b.txt").write_bytes(b"B")
+    (tmp_path / "docs" / "a.txt").write_bytes(b"A")
+    (tmp_path / "docs" / "sub" / "c.txt").write_bytes(b"C")
+    (tmp_path / "docs" / ".hidden").write_bytes(b"H")
+    (tmp_path / "one.txt").write_bytes(b"1")
+    assert load_corpus([str(tmp_path / "one.txt"), str(tmp_path / "docs")]) == b"1ABC"
+
+
+def test_load_corpus_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_corpus([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no text found"):
+        load_corpus([str(tmp_path / "empty")])
+
+
+# -- examples/train_diloco.py ------------------------------------------------------------------
+
+
+def config(**overrides: object) -> Config:
+    return Config.from_env({}, lighthouse="127.0.0.1:29510", **overrides)
+
+
+def test_script_help_runs_without_a_lighthouse() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_diloco.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "--outer-steps" in result.stdout
+
+
+def test_script_arguments() -> None:
+    args = train_diloco.parse_args(["--model-size", "tiny", "--data", "a", "--data", "b"])
+    assert (args.outer_steps, args.sync_every, args.model_size) == (20, 50, "tiny")
+    assert args.data == ["a", "b"]
+    with pytest.raises(SystemExit):
+        train_diloco.parse_args(["--sync-every", "0"])
+
+
+def test_every_group_builds_the_same_model() -> None:
+    a = train_diloco.build_model("tiny", seed=5).state_dict()
+    torch.rand(10)  # whatever happened to the global generator in between
+    b = train_diloco.build_model("tiny", seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_groups_and_ranks_read_disjoint_batches() -> None:
+    # Random bytes: no two windows are equal, so equal rows mean the same window.
+    corpus = bytes(
+        torch.randint(0, 256, (10_000,), generator=torch.Generator().manual_seed(0)).tolist()
+    )
+    seen: list[set[bytes]] = []
+    for group in range(2):
+        for rank in range(2):
+            cfg = config(replica_group_id=str(group), num_replica_groups=2, rank=rank, world_size=2)
+            loader = train_diloco.build_loader(corpus, 16, 4, seed=0, config=cfg)
+            seen.append({bytes(row.tolist()) for x, _ in loader for row in x.to(torch.uint8)})
+    for i in range(len(seen)):
+        for j in range(i + 1, len(seen)):
+            assert not seen[i] & seen[j]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"replica_group_id": "3", "num_replica_groups": 3},
+        {"replica_group_id": "1"},  # NUM_REPLICA_GROUPS unset means one group
+        {"replica_group_id": "east", "num_replica_groups": 3},
+    ],
+)
+def test_group_ids_that_cannot_be_sharded_stop_the_script(overrides: dict[str, object]) -> None:
+    with pytest.raises(SystemExit, match="REPLICA_GROUP_ID"):
+        train_diloco.shard_of(config(**overrides))
+
+
+def test_too_little_data_for_a_batch_stops_the_script() -> None:
+    with pytest.raises(SystemExit, match="--batch-size=16"):
+        train_diloco.build_loader(b"x" * 1000, 64, 16, seed=0, config=config())
+
+
+def test_sync_line() -> None:
+    # Duck-typed so this runs whatever state ftdiloco.diloco is in.
+    report = SimpleNamespace(
+        step=7,
+        committed=False,
+        participants=3,
+        quorum_id=2,
+        seconds=0.0421,
+        bytes_sent=12_300_000,
+        healed=True,
+    )
+    assert train_diloco.sync_line(report, 2.3141) == (  # type: ignore[arg-type]
+        "outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | "
+        "rolled back | healed"
+    )
+
+
+def test_progress_is_silent_when_stdout_is_not_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    progress = train_diloco.Progress(enabled=True)
+    progress.show("inner step 1/50")
+    progress.clear()
+    assert capsys.readouterr().out == ""
