@@ -43,7 +43,8 @@ def unpack(body: bytes) -> dict[str, Any]:
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_buffer_size=len(body))
+        # unpackb derives its max_*_len limits from len(body).
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"body is not valid msgpack: {e}") from None
     if not isinstance(message, dict):

@@ -1,0 +1,179 @@
+"""The ``lighthouse`` command: flags in, a running daemon out.
+
+It prints exactly one line to stdout, ``lighthouse listening on URL``, once the
+socket is bound (scripts wait for it to learn the port); logs go to stderr.
+SIGINT and SIGTERM answer every waiting join and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from lighthouse import logs
+
+if TYPE_CHECKING:
+    from lighthouse.server import LighthouseServer
+
+TOKEN_ENV = "FTDILOCO_TOKEN"
+DEFAULT_BIND = "0.0.0.0:29510"
+
+_log = structlog.get_logger()
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _bind_address(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:29510
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with PORT in 0-65535, got {text!r}")
+    return host, int(port_text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lighthouse",
+        description="Decides, for every outer step, which replica groups take part.",
+    )
+    # The reference spells its flags with underscores; both spellings work.
+    add = parser.add_argument
+    add(
+        "--min-replicas",
+        "--min_replicas",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="replicas needed to form a quorum (default 1)",
+    )
+    add(
+        "--join-timeout-ms",
+        "--join_timeout_ms",
+        type=_int_at_least(0),
+        default=60_000,
+        metavar="MS",
+        help="how long to wait for stragglers after the first join (default 60000)",
+    )
+    add(
+        "--quorum-tick-ms",
+        "--quorum_tick_ms",
+        type=_int_at_least(1),
+        default=100,
+        metavar="MS",
+        help="longest the timer sleeps between re-evaluations (default 100)",
+    )
+    add(
+        "--heartbeat-timeout-ms",
+        "--heartbeat_timeout_ms",
+        type=_int_at_least(1),
+        default=5_000,
+        metavar="MS",
+        help="a replica silent this long is dead (default 5000)",
+    )
+    add(
+        "--bind",
+        type=_bind_address,
+        default=DEFAULT_BIND,
+        metavar="HOST:PORT",
+        help=f"address to listen on; port 0 picks a free one (default {DEFAULT_BIND})",
+    )
+    add(
+        "--token-file",
+        "--token_file",
+        metavar="PATH",
+        help=f"file holding the shared token (default: ${TOKEN_ENV}, else no token)",
+    )
+    add(
+        "--log-format",
+        "--log_format",
+        choices=("auto", "console", "json"),
+        default="auto",
+        help="auto: console lines on a terminal, JSON lines otherwise (default auto)",
+    )
+    return parser
+
+
+def _token(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"cannot read --token-file {path}: {e}")
+    if not token:
+        parser.error(f"--token-file {path} is empty")
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from outside
+
+
+async def _serve(server: LighthouseServer, host: str, port: int) -> int:
+    if server.config.token is None and not _is_loopback(host):
+        _log.warning(
+            "no token on a non-loopback address",
+            bind=host,
+            risk="anyone who can reach it can join, kill replicas or shut the lighthouse down",
+            fix=f"set --token-file or ${TOKEN_ENV}",
+        )
+    try:
+        url = await server.start(host, port)
+    except OSError as e:
+        print(f"lighthouse: cannot listen on {host}:{port}: {e}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    # Only now: a script that signals us as soon as it reads the URL gets a clean stop.
+    print(f"lighthouse listening on {url}", flush=True)
+    await server.wait_stopped()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    token = _token(parser, args.token_file)
+    # Imported after the flags are checked, so that mistakes are answered without loading aiohttp.
+    from lighthouse.server import LighthouseServer, ServerConfig
+
+    host, port = args.bind
+    config = ServerConfig(
+        min_replicas=args.min_replicas,
+        join_timeout=args.join_timeout_ms / 1000,
+        heartbeat_timeout=args.heartbeat_timeout_ms / 1000,
+        quorum_tick=args.quorum_tick_ms / 1000,
+        token=token,
+    )
+    logs.configure(args.log_format)
+    sys.exit(asyncio.run(_serve(LighthouseServer(config), host, port)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,676 @@
+"""The lighthouse daemon: an aiohttp adapter around the pure :class:`QuorumCore`.
+
+The core decides; this module only carries its decisions out.  Every request,
+WebSocket frame, closed connection and timer expiry becomes one core call on
+the event loop's monotonic clock, and the returned :class:`Update` is acted on
+at once: waiting joins are answered, events are pushed to the replicas'
+WebSockets, evictions are logged and counted.  Forming a quorum therefore costs
+one event-loop turn after the event that completes it; a single timer, re-armed
+from each update, covers the deadlines (join and heartbeat timeouts).
+
+Everything an outsider can send is bounded (body size, frame size, number of
+waiting joins and sockets) and every failure becomes a 4xx/5xx with a message,
+so hostile or broken clients cannot crash, hang or exhaust the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.resources
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from lighthouse import protocol
+from lighthouse.quorum import (
+    Eviction,
+    EvictionCause,
+    Member,
+    Quorum,
+    QuorumConfig,
+    QuorumCore,
+    Update,
+)
+
+_log = structlog.get_logger()
+
+# Replica frames are tiny heartbeats; anything near this is an attack or a bug.
+WS_MAX_FRAME_BYTES = 64 * 1024
+# Events a replica may leave unread before its socket is closed as stuck.
+_OUTBOX_FRAMES = 256
+# Bounds on how long stop() may take when peers do not cooperate.
+_WS_CLOSE_TIMEOUT = 2.0
+_SHUTDOWN_TIMEOUT = 5.0
+# A WebSocket close reason must fit in one control frame (125 bytes with the code).
+_CLOSE_REASON_BYTES = 120
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+# Refusals that are part of normal operation, logged at info rather than warning.
+_ROUTINE_REFUSALS = frozenset({"timeout", "superseded", "evicted", "shutting_down"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Daemon settings; times are in seconds."""
+
+    min_replicas: int = 1
+    join_timeout: float = 60.0
+    heartbeat_timeout: float = 5.0
+    # Longest the timer sleeps while a deadline is pending or already past.
+    quorum_tick: float = 0.1
+    token: str | None = None
+    max_body_bytes: int = protocol.MAX_MESSAGE_BYTES
+    # Open WebSockets plus waiting joins: what bounds the daemon's memory.
+    max_connections: int = 4096
+    # None: derive from the wall clock so that a restart never reuses an id.
+    first_quorum_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.quorum_config()  # validates the quorum settings
+        if not self.quorum_tick > 0:  # also refuses NaN
+            raise ValueError(f"quorum_tick must be > 0, got {self.quorum_tick}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.token == "":
+            raise ValueError("token must not be empty (use None for no token)")
+
+    def quorum_config(self) -> QuorumConfig:
+        return QuorumConfig(self.min_replicas, self.join_timeout, self.heartbeat_timeout)
+
+    def public(self) -> dict[str, Any]:
+        """The settings an operator may see: everything but the token itself."""
+        shown = asdict(self)
+        del shown["token"]
+        shown["token_required"] = self.token is not None
+        return shown
+
+
+def wall_clock_epoch() -> int:
+    """A quorum-id base above every id an earlier run could have handed out.
+
+    Milliseconds since 1970 shifted left by 20 bits: a run would need a
+    million quorums per millisecond of downtime to catch up with its successor.
+    """
+    return int(time.time() * 1000) << 20
+
+
+class _HttpError(Exception):
+    """A refusal with its status, machine-readable code and human message."""
+
+    def __init__(self, status: int, code: str, message: str, replica: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.replica = replica
+
+
+@dataclass(frozen=True)
+class _Waiter:
+    """A join long-poll: resolved with the 200 body, or with the refusal to raise."""
+
+    future: asyncio.Future[bytes | _HttpError]
+    arrived: float
+
+
+class _Connection:
+    """One replica's WebSocket and the events not yet sent on it.
+
+    Events come from synchronous code (the core's updates) and must arrive in
+    order, so each socket has one sender task draining a bounded queue; a
+    replica that stops reading is disconnected instead of growing the queue.
+    """
+
+    def __init__(self, replica_id: str, ws: web.WebSocketResponse) -> None:
+        self.replica_id = replica_id
+        self.ws = ws
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(_OUTBOX_FRAMES)
+        self._sender: asyncio.Task[Any] = asyncio.create_task(self._send_all())
+        self._stuck = False
+
+    def push(self, frame: bytes) -> None:
+        if self._stuck:
+            return
+        try:
+            self._outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            _log.warning("websocket stuck, closing", replica=self.replica_id)
+            self._stuck = True
+            self._sender.cancel()
+            self._sender = asyncio.create_task(
+                self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many unread events")
+            )
+
+    def discard(self) -> None:
+        self._sender.cancel()
+
+    async def _send_all(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            try:
+                await self.ws.send_bytes(frame)
+            except ConnectionError:
+                return  # closing: the receiving side notices and cleans up
+
+
+class _Metrics:
+    def __init__(self, alive: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.quorums = Counter(
+            "lighthouse_quorums_formed", "Quorums formed.", registry=self.registry
+        )
+        self.latency = Histogram(
+            "lighthouse_quorum_latency_seconds",
+            "From the arrival of the last member's join to the release of every waiter.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.alive = Gauge(
+            "lighthouse_members_alive", "Replicas currently seen alive.", registry=self.registry
+        )
+        self.alive.set_function(alive)
+        self.evictions = Counter(
+            "lighthouse_evictions", "Replicas evicted.", ["cause"], registry=self.registry
+        )
+        for cause in EvictionCause:
+            self.evictions.labels(cause.value)
+        self.joins = Counter(
+            "lighthouse_join_requests", "Join requests received.", registry=self.registry
+        )
+
+
+def _refusal(status: int, code: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=protocol.encode_error(code, message),
+        content_type=protocol.CONTENT_TYPE,
+    )
+
+
+def _msgpack(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type=protocol.CONTENT_TYPE)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turns every failure of a handler into an answer and a log line, never a crash."""
+    try:
+        return await handler(request)
+    except _HttpError as e:
+        refused: _HttpError = e
+    except protocol.ProtocolError as e:
+        message = str(e)
+        if request.content_type != protocol.CONTENT_TYPE:
+            message += (
+                f" (Content-Type is {request.content_type}, expected {protocol.CONTENT_TYPE})"
+            )
+        refused = _HttpError(400, "bad_request", message)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (404, 405, a bad upgrade) already carry a message
+    except Exception as e:
+        _log.exception("internal error", path=request.path, peer=request.remote)
+        return _refusal(500, "internal", f"internal error: {type(e).__name__}: {e}")
+    log = _log.info if refused.code in _ROUTINE_REFUSALS else _log.warning
+    log(
+        "request refused",
+        status=refused.status,
+        reason=refused.code,
+        message=refused.message,
+        replica=refused.replica,
+        path=request.path,
+        peer=request.remote,
+    )
+    return _refusal(refused.status, refused.code, refused.message)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class LighthouseServer:
+    """The daemon: start() it, then it answers joins until stop() or /v1/shutdown."""
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.epoch = (
+            self.config.first_quorum_id
+            if self.config.first_quorum_id is not None
+            else wall_clock_epoch()
+        )
+        self.core = QuorumCore(self.config.quorum_config(), first_quorum_id=self.epoch)
+        self.stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop  # set by start(); every core call runs on it
+        self._metrics = _Metrics(lambda: len(self.core.last_seen()))
+        self._waiters: dict[str, _Waiter] = {}
+        # The newest socket of each replica (what liveness follows), and all of them.
+        self._sockets: dict[str, _Connection] = {}
+        self._connections: set[_Connection] = set()
+        self._open = 0  # waiting joins + WebSockets, capped at max_connections
+        self._formed_unix = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._url: str | None = None
+        self._stopping = False
+        self._stop_task: asyncio.Task[None] | None = None
+        self._dashboard = b""
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("the lighthouse has not been started")
+        return self._url
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on host:port (0: any free port) and return the URL actually bound."""
+        self._loop = asyncio.get_running_loop()
+        sock = _bind(host, port)  # first: a busy port leaves nothing to clean up
+        self._dashboard = (
+            importlib.resources.files("lighthouse").joinpath("dashboard.html").read_bytes()
+        )
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[_error_middleware]
+        )
+        app.router.add_post("/v1/join", self._join)
+        app.router.add_post("/v1/heartbeat", self._heartbeat)
+        app.router.add_get("/v1/ws", self._websocket)
+        app.router.add_post("/v1/kill", self._kill)
+        app.router.add_post("/v1/shutdown", self._shutdown)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/", self._dashboard_page)
+        app.router.add_get("/metrics", self._metrics_page)
+        # handler_cancellation: a long-poll whose client hung up must withdraw its join.
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT
+        )
+        await self._runner.setup()
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+        self._url = _url(sock)
+        _log.info("lighthouse started", url=self._url, epoch=self.epoch, **self.config.public())
+        return self._url
+
+    def request_stop(self) -> None:
+        """Stop in the background (for signal handlers and /v1/shutdown); idempotent."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self.stop())
+
+    async def stop(self) -> None:
+        """Answer every waiting join with 503, close every socket, stop listening."""
+        if self._stopping:
+            await self.stopped.wait()
+            return
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for rid in list(self._waiters):
+            self._resolve(rid, _HttpError(503, "shutting_down", "the lighthouse is shutting down"))
+        if self._site is not None:
+            # Before the sockets close: a replica that reconnects at once must be
+            # refused, not accepted by a server that is about to drop its connections.
+            await self._site.stop()
+        await asyncio.gather(
+            *(
+                c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"lighthouse shutting down")
+                for c in list(self._connections)
+            ),
+            return_exceptions=True,
+        )
+        if self._runner is not None:
+            await self._runner.cleanup()
+        _log.info("lighthouse stopped", url=self._url)
+        self.stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self.stopped.wait()
+
+    # -- driving the core --------------------------------------------------------
+
+    def _drive(self, event: Callable[[float], Update]) -> Update:
+        """Feed one event to the core and carry out what it decided."""
+        before = self.core.previous
+        update = event(self._loop.time())
+        for eviction in update.evicted:
+            self._evicted(eviction, before)
+        if update.formed is not None:
+            self._release(update.formed, update.reason)
+        self._schedule(update)
+        return update
+
+    def _evicted(self, eviction: Eviction, quorum: Quorum | None) -> None:
+        """Count and log it, answer its waiting join, warn the quorum it was in."""
+        rid, cause = eviction.replica_id, eviction.cause.value
+        self._metrics.evictions.labels(cause).inc()
+        _log.info("replica evicted", replica=rid, cause=cause, in_quorum=eviction.in_quorum)
+        if rid in self._waiters:
+            # Its join no longer counts; without an answer it would wait out its
+            # timeout while the others form quorums without it.
+            message = f"replica {rid} was evicted while waiting ({cause}); join again"
+            self._resolve(rid, _HttpError(503, "evicted", message, replica=rid))
+        if eviction.in_quorum and quorum is not None:
+            lost = protocol.encode_member_lost(rid, cause, quorum.quorum_id)
+            for conn in self._sockets.values():
+                conn.push(lost)
+
+    def _release(self, quorum: Quorum, reason: str) -> None:
+        """Hand the quorum to every member's waiting join and WebSocket, encoded once."""
+        self._formed_unix = time.time() - (self._loop.time() - quorum.created)
+        encoded = protocol.encode_quorum(quorum, self._formed_unix)
+        answer = protocol.pack({"quorum": encoded})
+        event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
+        last_arrival = float("-inf")
+        for rid in quorum.replica_ids:
+            waiter = self._waiters.pop(rid, None)
+            if waiter is not None:
+                waiter.future.set_result(answer)
+                last_arrival = max(last_arrival, waiter.arrived)
+            conn = self._sockets.get(rid)
+            if conn is not None:
+                conn.push(event)
+        if last_arrival > float("-inf"):
+            self._metrics.latency.observe(self._loop.time() - last_arrival)
+        self._metrics.quorums.inc()
+        _log.info(
+            "quorum formed",
+            quorum_id=quorum.quorum_id,
+            members=list(quorum.replica_ids),
+            reason=reason,
+        )
+
+    def _schedule(self, update: Update) -> None:
+        """Keep one timer armed for the core's next deadline, at most quorum_tick away.
+
+        A deadline that is already due asks for an immediate tick (members
+        left out of the quorum just formed may form the next one at once).  If
+        nothing was formed, though, acting now cannot help -- an earlier core
+        reports a passed join timeout that way -- so the timer re-checks one
+        tick later instead of spinning.
+        """
+        if update.deadline is None or self._stopping:
+            return
+        now = self._loop.time()
+        when = min(update.deadline, now + self.config.quorum_tick)
+        if when <= now and update.formed is None:
+            when = now + self.config.quorum_tick
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return  # an earlier tick re-evaluates and re-arms anyway
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._drive(self.core.tick)
+
+    def _resolve(self, rid: str, outcome: _HttpError) -> None:
+        self._waiters.pop(rid).future.set_result(outcome)
+
+    # -- request plumbing ----------------------------------------------------------
+
+    def _authorize(self, request: web.Request) -> None:
+        token = self.config.token
+        if token is None:
+            return
+        scheme, _, given = request.headers.get(protocol.TOKEN_HEADER, "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise _HttpError(
+                401, "unauthorized", "this lighthouse requires 'Authorization: Bearer <token>'"
+            )
+        if not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+        ):
+            raise _HttpError(401, "unauthorized", "wrong token")
+
+    def _refuse_if_stopping(self) -> None:
+        if self._stopping:
+            raise _HttpError(503, "shutting_down", "the lighthouse is shutting down")
+
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold one of the max_connections places for a long-lived request."""
+        limit = self.config.max_connections
+        if self._open >= limit:
+            raise _HttpError(
+                503,
+                "overloaded",
+                f"{self._open} waiting joins and WebSockets, the limit is {limit}",
+            )
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise _HttpError(413, "too_large", f"body of {declared} bytes exceeds {limit}")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _HttpError(413, "too_large", f"body exceeds {limit} bytes") from None
+
+    # -- replica endpoints -----------------------------------------------------------
+
+    async def _join(self, request: web.Request) -> web.Response:
+        arrived = self._loop.time()
+        self._metrics.joins.inc()
+        self._authorize(request)
+        with self._slot():
+            join = protocol.decode_join(await self._read_body(request))
+            outcome = await self._wait_for_quorum(join.member, join.timeout, arrived)
+        if isinstance(outcome, _HttpError):
+            raise outcome
+        return _msgpack(outcome)
+
+    async def _wait_for_quorum(
+        self, member: Member, timeout: float, arrived: float
+    ) -> bytes | _HttpError:
+        """Register the join, then wait for a quorum; always ends with an outcome."""
+        # Checked here, with no await before registering, so stop() cannot miss it.
+        self._refuse_if_stopping()
+        rid = member.replica_id
+        if rid in self._waiters:
+            self._resolve(
+                rid,
+                _HttpError(
+                    409, "superseded", f"a newer join from {rid} replaced this one", replica=rid
+                ),
+            )
+        future: asyncio.Future[bytes | _HttpError] = self._loop.create_future()
+        self._waiters[rid] = _Waiter(future, arrived)
+        self._drive(lambda now: self.core.join(member, now))
+        try:
+            await asyncio.wait((future,), timeout=timeout)
+        finally:
+            if not future.done():  # timed out, or the client hung up
+                reason = self.core.reason
+                message = f"no quorum within {timeout:g}s: {reason}"
+                self._resolve(rid, _HttpError(504, "timeout", message, replica=rid))
+                self._drive(lambda now: self.core.withdraw(rid, now))
+        return future.result()
+
+    async def _heartbeat(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        rid = protocol.decode_heartbeat(await self._read_body(request))
+        self._drive(lambda now: self.core.heartbeat(rid, now))
+        return _msgpack(protocol.pack({"ok": True}))
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        self._authorize(request)
+        self._refuse_if_stopping()
+        if "replica_id" not in request.query:
+            raise _HttpError(400, "bad_request", "missing query parameter 'replica_id'")
+        rid = protocol.replica_id({"replica_id": request.query["replica_id"]})
+        with self._slot():
+            ws = web.WebSocketResponse(
+                max_msg_size=WS_MAX_FRAME_BYTES,
+                # Pings only free the sockets of vanished hosts (the core already
+                # evicted them), so they get twice the grace of app heartbeats.
+                heartbeat=2 * self.config.heartbeat_timeout,
+                timeout=_WS_CLOSE_TIMEOUT,
+                compress=False,
+            )
+            await ws.prepare(request)
+            if self._stopping:  # stop() began during the upgrade and did not see this one
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"lighthouse shutting down")
+                return ws
+            conn = _Connection(rid, ws)
+            self._connections.add(conn)
+            self._sockets[rid] = conn
+            try:
+                self._drive(lambda now: self.core.heartbeat(rid, now))
+                await self._receive(conn, request.remote)
+            finally:
+                self._disconnected(conn)
+        return ws
+
+    async def _receive(self, conn: _Connection, peer: str | None) -> None:
+        """Every well-formed frame is a heartbeat; a malformed one ends the connection."""
+        rid, ws = conn.replica_id, conn.ws
+        async for msg in ws:
+            if msg.type is WSMsgType.ERROR:
+                return  # aiohttp has already closed it (e.g. 1009 for an oversized frame)
+            try:
+                if msg.type is not WSMsgType.BINARY:
+                    raise protocol.ProtocolError("frames must be binary msgpack")
+                protocol.unpack(msg.data)
+            except protocol.ProtocolError as e:
+                _log.warning("websocket frame refused", replica=rid, error=str(e), peer=peer)
+                reason = str(e).encode()[:_CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
+                return
+            self._drive(lambda now: self.core.heartbeat(rid, now))
+
+    def _disconnected(self, conn: _Connection) -> None:
+        """A closed socket kills its replica at once, unless a newer one took over."""
+        conn.discard()
+        self._connections.discard(conn)
+        rid = conn.replica_id
+        if self._sockets.get(rid) is not conn:
+            return
+        del self._sockets[rid]
+        if not self._stopping:
+            self._drive(lambda now: self.core.lost(rid, now, EvictionCause.CONNECTION_CLOSED))
+
+    # -- control endpoints -------------------------------------------------------------
+
+    async def _kill(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        rid, reason = protocol.decode_kill(await self._read_body(request))
+        conn = self._sockets.get(rid)
+        if conn is not None:
+            conn.push(protocol.pack({"type": "kill", "reason": reason}))
+        update = self._drive(lambda now: self.core.lost(rid, now, EvictionCause.KILLED))
+        _log.warning("replica killed by operator", replica=rid, reason=reason, peer=request.remote)
+        known = bool(update.evicted) or conn is not None
+        return _msgpack(protocol.pack({"ok": True, "known": known}))
+
+    async def _shutdown(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        body = await self._read_body(request)
+        if body:
+            protocol.unpack(body)
+        _log.warning("shutdown requested", peer=request.remote)
+        self.request_stop()
+        return _msgpack(protocol.pack({"ok": True}))
+
+    # -- read-only pages ----------------------------------------------------------------
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """The /status document: what the quorum is, who is waiting and why."""
+        now = self._loop.time()
+        prev = self.core.previous
+        in_quorum = {m.replica_id: m for m in prev.members} if prev is not None else {}
+        max_step = max((m.step for m in in_quorum.values()), default=0)
+        joiners = self.core.joiners()
+        seen = self.core.last_seen()
+        replicas = []
+        for rid in sorted(seen.keys() | in_quorum.keys() | self._sockets.keys()):
+            latest = joiners[rid][0] if rid in joiners else in_quorum.get(rid)
+            replicas.append(
+                {
+                    "replica_id": rid,
+                    "heartbeat_age_s": now - seen[rid] if rid in seen else None,
+                    "connected": rid in self._sockets,
+                    "in_quorum": rid in in_quorum,
+                    "step": latest.step if latest is not None else None,
+                    "address": latest.address if latest is not None else None,
+                    "recovering": rid in in_quorum and in_quorum[rid].step < max_step,
+                }
+            )
+        return {
+            "quorum_id": self.core.quorum_id,
+            "epoch": self.epoch,
+            "reason": self.core.reason,
+            "previous_quorum": None
+            if prev is None
+            else {
+                "quorum_id": prev.quorum_id,
+                "created": self._formed_unix,
+                "members": [_member_summary(m) for m in prev.members],
+            },
+            "joiners": [
+                {
+                    "replica_id": rid,
+                    "step": m.step,
+                    "address": m.address,
+                    "joined_ago_s": now - joined,
+                }
+                for rid, (m, joined) in joiners.items()
+            ],
+            "replicas": replicas,
+            "connections": {"open": self._open, "limit": self.config.max_connections},
+            "config": self.config.public(),
+        }
+
+    async def _dashboard_page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self._dashboard,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline';"
+                " style-src 'unsafe-inline'; connect-src 'self'",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+
+def _member_summary(member: Member) -> dict[str, Any]:
+    """A member for JSON: its free-form ``data`` may hold bytes, so it is left out."""
+    summary = protocol.encode_member(member)
+    del summary["data"]
+    return summary
