@@ -87,9 +87,10 @@ class QuorumConfig:
     def __post_init__(self) -> None:
         if self.min_replicas < 1:
             raise ValueError(f"min_replicas must be >= 1, got {self.min_replicas}")
-        if self.join_timeout < 0:
+        # Written as `not >=` / `not >` so that NaN is rejected too.
+        if not self.join_timeout >= 0:
             raise ValueError(f"join_timeout must be >= 0, got {self.join_timeout}")
-        if self.heartbeat_timeout <= 0:
+        if not self.heartbeat_timeout > 0:
             raise ValueError(f"heartbeat_timeout must be > 0, got {self.heartbeat_timeout}")
 
 
@@ -222,7 +223,7 @@ class QuorumCore:
         members, reason = self._decide(now)
         self._reason = reason
         formed = self._form(members, now) if members is not None else None
-        return Update(formed, evicted, reason, self._deadline())
+        return Update(formed, evicted, reason, self._deadline(now))
 
     def _candidates(self) -> list[Member]:
         """The joiners in replica-id order; with shrink_only, only previous members."""
@@ -286,11 +287,18 @@ class QuorumCore:
         self._joiners = {rid: (m, now) for rid, (m, _) in self._joiners.items()}
         return quorum
 
-    def _deadline(self) -> float | None:
+    def _deadline(self, now: float) -> float | None:
         """The earliest time at which a tick could change anything."""
         times = []
         if self._last_seen:
             times.append(next(iter(self._last_seen.values())) + self.config.heartbeat_timeout)
         if self._joiners:
-            times.append(next(iter(self._joiners.values()))[1] + self.config.join_timeout)
+            join_deadline = next(iter(self._joiners.values()))[1] + self.config.join_timeout
+            if join_deadline > now:
+                times.append(join_deadline)
+            elif self._decide(now)[0] is not None:
+                # Joiners left out of the quorum just formed can form the next one at once
+                # (join_timeout 0).  Otherwise a passed join timeout is no reason to tick:
+                # returning it would make the server re-arm a timer in the past and spin.
+                times.append(now)
         return min(times) if times else None
