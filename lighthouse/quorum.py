@@ -255,11 +255,12 @@ class QuorumCore:
         if stragglers:
             first_join = next(iter(self._joiners.values()))[1]
             if now - first_join < cfg.join_timeout:
-                missing = sorted(self._last_seen.keys() - self._joiners.keys())
+                # Counted, not named: naming them costs O(replicas) on every
+                # event, and /status lists who has not joined.
+                waited = now - first_join
                 return None, (
-                    f"waiting: {summary}, join timeout {cfg.join_timeout:g}s for stragglers: "
-                    + ", ".join(missing[:8])
-                    + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                    f"waiting: {summary}, {alive - joined} alive replicas have not joined;"
+                    f" forming without them at the join timeout ({waited:.1f}/{cfg.join_timeout:g}s)"
                 )
         candidates = self._candidates()
         if len(candidates) < cfg.min_replicas:
