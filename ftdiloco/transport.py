@@ -1,0 +1,813 @@
+"""Heal transport: a replica group that is behind copies a peer's committed state over HTTP.
+
+The donor serves its state as one safetensors stream (8-byte header length,
+JSON header, raw little-endian tensor bytes), cut into fixed-size chunks that
+a receiver fetches in parallel.  The stream is never built in memory: each
+chunk is copied straight out of the published tensors, under a lock, so a
+``retract()`` can never let half-old, half-new bytes leave the donor.  The
+manifest carries a checksum per chunk, computed when the state is published,
+so the receiver can tell a corrupted chunk (refetched) from a donor that went
+away (:class:`HealError`).  Concatenating all chunks yields a file that
+``safetensors.torch.load`` reads; no pickle is involved anywhere.
+
+Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes`):
+
+``GET /v1/heal/manifest?step=N``
+    200 msgpack manifest (``lighthouse.protocol.pack``): ``step``,
+    ``chunk_bytes``, ``total_bytes``, ``num_chunks``, ``checksum`` (the
+    algorithm), ``checksums`` (one per chunk) and ``tensors`` (``name``,
+    ``dtype``, ``shape``, ``offset`` into the stream, ``nbytes``).
+``GET /v1/heal/chunk/{index}?step=N``
+    200 ``application/octet-stream``: bytes ``[index * chunk_bytes, ...)`` of
+    the stream.
+
+Both answer 400 ``bad_request``, 401 ``unauthorized`` (when the server has a
+token, requests need ``Authorization: Bearer <token>``), 409 ``step_mismatch``
+(another step is served; the message says which) and 503 ``not_ready``
+(nothing is published, or it was retracted), with an
+``encode_error`` body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import functools
+import hmac
+import itertools
+import json
+import math
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+import torch
+from aiohttp import web
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from lighthouse.protocol import (
+    CONTENT_TYPE,
+    MAX_MESSAGE_BYTES,
+    TOKEN_HEADER,
+    ProtocolError,
+    decode_error,
+    encode_error,
+    pack,
+    unpack,
+)
+
+__all__ = ["HealError", "StateServer", "fetch_state", "fetch_state_blocking"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# safetensors' names for the dtypes it can carry.
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+
+# zlib.crc32 runs at ~3 GB/s per core and releases the GIL; blake2b manages
+# ~0.6 GB/s, which would cap a heal well below the network.  A CRC catches
+# corruption, which is all it is for: the donor is trusted, its bytes are not.
+CHECKSUM = "crc32"
+# A receiver holds `parallel` chunks at once; refuse donors that ask for more.
+MAX_CHUNK_BYTES = 256 << 20
+# Response bodies go out in slices this large, so a slice the socket cannot
+# take at once is all the event loop's transport ever buffers (and copies).
+_WRITE_BYTES = 1 << 20
+# A receiver's chunk reads may buffer this much per connection before aiohttp
+# stops reading the socket.
+_READ_BUFFER_BYTES = 4 << 20
+# Idle chunk buffers a StateServer keeps for the next requests (one per
+# connection of a typical heal).
+_POOLED_BUFFERS = 4
+_CHECKSUM_ATTEMPTS = 3
+_ERROR_BODY_LIMIT = 64 << 10
+_OCTET_STREAM = "application/octet-stream"
+
+
+class HealError(Exception):
+    """Copying state from a donor failed; ``code`` says how (see :func:`fetch_state`)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _ChecksumMismatch(HealError):
+    """A chunk arrived damaged; worth fetching again."""
+
+
+# -- the stream layout, shared by donor and receiver ------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+
+
+def _spec(name: str, tensor: torch.Tensor) -> _Spec:
+    if tensor.dtype not in _DTYPES:
+        raise ValueError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot carry"
+        )
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensor {name!r} is {tensor.layout}; only dense tensors can be healed")
+    return _Spec(name, tensor.dtype, tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each byte of the stream lives: segment 0 is the safetensors header,
+    segment ``i + 1`` is tensor ``specs[i]``."""
+
+    specs: tuple[_Spec, ...]
+    header: bytes
+    starts: tuple[int, ...]
+    total: int
+    chunk_bytes: int
+
+    @classmethod
+    def build(cls, step: int, specs: Sequence[_Spec], chunk_bytes: int) -> _Layout:
+        entries: dict[str, Any] = {}
+        position = 0
+        for spec in specs:
+            entries[spec.name] = {
+                "dtype": _DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [position, position + spec.nbytes],
+            }
+            position += spec.nbytes
+        entries["__metadata__"] = {"format": "pt", "step": str(step)}
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        # safetensors pads the header with spaces so tensor data starts 8-aligned.
+        text += b" " * (-len(text) % 8)
+        header = struct.pack("<Q", len(text)) + text
+        starts = tuple(itertools.accumulate((s.nbytes for s in specs), initial=len(header)))
+        return cls(tuple(specs), header, (0, *starts[:-1]), starts[-1], chunk_bytes)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.total // self.chunk_bytes)
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk_bytes
+        return start, min(start + self.chunk_bytes, self.total)
+
+    def pieces(self, index: int) -> Iterator[tuple[int, int, int, int]]:
+        """(segment, offset in segment, offset in chunk, length) for each
+        segment that chunk ``index`` overlaps, in stream order."""
+        chunk_start, end = self.chunk_span(index)
+        position = chunk_start
+        segment = bisect.bisect_right(self.starts, position) - 1
+        while position < end:
+            segment_end = self.starts[segment + 1] if segment + 1 < len(self.starts) else self.total
+            length = min(end, segment_end) - position
+            if length > 0:
+                yield segment, position - self.starts[segment], position - chunk_start, length
+                position += length
+            segment += 1
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's memory (no copy)."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+# -- donor ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Publication:
+    step: int
+    layout: _Layout
+    # Per segment, the bytes to serve: the header, then each tensor.
+    sources: list[torch.Tensor]
+    # One future per hashing thread; thread k hashes chunks k, k + threads, ...
+    checksum_strides: list[concurrent.futures.Future[list[int] | None]] = field(
+        default_factory=list
+    )
+    manifest: bytes | None = None
+
+    def abandon(self) -> None:
+        for stride in self.checksum_strides:
+            stride.cancel()
+
+
+class _Refused(Exception):
+    """A request this server will not serve; becomes an error answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _answer_refusals(handler: _Handler) -> _Handler:
+    """Turn _Refused into its answer inside the handler, so the routes need no
+    middleware on the manager's app."""
+
+    @functools.wraps(handler)
+    async def answering(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _Refused as refused:
+            return web.Response(
+                status=refused.status,
+                body=encode_error(refused.code, str(refused)),
+                content_type=CONTENT_TYPE,
+            )
+
+    return answering
+
+
+class StateServer:
+    """Serves this group's committed state, for exactly the committed step.
+
+    ``publish`` and ``retract`` are called from the training thread while the
+    routes run on an event loop in another thread; one lock orders them with
+    every copy out of the tensors.  Checksums are computed on a few background
+    threads as soon as state is published: the first heal after a commit
+    usually arrives within the next quorum, and would otherwise wait for a
+    full pass over the state before receiving a byte.
+    """
+
+    def __init__(self, token: str | None = None, chunk_bytes: int = 8 << 20) -> None:
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        self._expected_auth = None if token is None else f"Bearer {token}".encode()
+        self._chunk_bytes = chunk_bytes
+        self._lock = threading.Lock()
+        self._published: _Publication | None = None
+        # Used on the event loop's thread only.
+        self._buffers: list[bytearray] = []
+        self._hash_threads = min(4, os.cpu_count() or 1)
+        self._hashers = concurrent.futures.ThreadPoolExecutor(
+            self._hash_threads, thread_name_prefix="ftdiloco-heal-checksum"
+        )
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/heal/manifest", _answer_refusals(self._handle_manifest))
+        app.router.add_get("/v1/heal/chunk/{index}", _answer_refusals(self._handle_chunk))
+
+    @property
+    def step(self) -> int | None:
+        published = self._published
+        return None if published is None else published.step
+
+    def publish(self, step: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Serve ``tensors`` as the state committed at ``step``, until the next
+        ``retract``/``publish``; the caller must not modify them until then.
+
+        Non-contiguous tensors are copied once here (the stream needs them in
+        row-major order); contiguous ones, CPU or CUDA, are served in place.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if "__metadata__" in tensors:
+            raise ValueError("'__metadata__' is reserved by safetensors and cannot name a tensor")
+        specs = [_spec(name, tensor) for name, tensor in tensors.items()]
+        layout = _Layout.build(step, specs, self._chunk_bytes)
+        header = torch.frombuffer(bytearray(layout.header), dtype=torch.uint8)
+        sources = [header, *(_bytes_of(t.contiguous()) for t in tensors.values())]
+        publication = _Publication(step, layout, sources)
+        threads = min(self._hash_threads, layout.num_chunks)
+        with self._lock:
+            previous, self._published = self._published, publication
+            publication.checksum_strides = [
+                self._hashers.submit(self._checksum_stride, publication, first, threads)
+                for first in range(threads)
+            ]
+        if previous is not None:
+            previous.abandon()
+
+    def retract(self) -> None:
+        """Stop serving.  Returns once no copy out of the tensors is in
+        progress; chunk requests still in flight get 503 instead of data."""
+        with self._lock:
+            previous, self._published = self._published, None
+        if previous is not None:
+            previous.abandon()
+
+    # -- copying out ----------------------------------------------------------------
+
+    def _copy_chunk(self, publication: _Publication, index: int, out: bytearray) -> bool:
+        """Copy chunk ``index`` into ``out``; False if it is no longer published."""
+        target = torch.frombuffer(out, dtype=torch.uint8)
+        with self._lock:
+            if self._published is not publication:
+                return False
+            for segment, offset, at, length in publication.layout.pieces(index):
+                source = publication.sources[segment][offset : offset + length]
+                target[at : at + length].copy_(source)
+        return True
+
+    def _checksum_stride(
+        self, publication: _Publication, first: int, stride: int
+    ) -> list[int] | None:
+        """Checksums of chunks ``first``, ``first + stride``, ...; None once retracted."""
+        layout = publication.layout
+        scratch = bytearray(layout.chunk_bytes)
+        checksums = []
+        for index in range(first, layout.num_chunks, stride):
+            if not self._copy_chunk(publication, index, scratch):
+                return None
+            start, end = layout.chunk_span(index)
+            checksums.append(zlib.crc32(memoryview(scratch)[: end - start]))
+        return checksums
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _refusal(self, step: int) -> _Refused:
+        """Why a request for ``step`` cannot be served right now."""
+        published = self._published
+        if published is None or published.step == step:
+            return _Refused(
+                503,
+                "not_ready",
+                f"no committed state is published for step {step} "
+                "(not yet committed, or retracted while being replaced)",
+            )
+        return _Refused(
+            409,
+            "step_mismatch",
+            f"this replica serves step {published.step}, not step {step}",
+        )
+
+    def _accept(self, request: web.Request) -> tuple[int, _Publication]:
+        """Authorise the request and find the publication it asks for."""
+        if self._expected_auth is not None and not hmac.compare_digest(
+            request.headers.get(TOKEN_HEADER, "").encode(), self._expected_auth
+        ):
+            raise _Refused(401, "unauthorized", "missing or wrong token")
+        step = _query_int(request, "step")
+        published = self._published
+        if published is None or published.step != step:
+            raise self._refusal(step)
+        return step, published
+
+    async def _handle_manifest(self, request: web.Request) -> web.Response:
+        step, publication = self._accept(request)
+        if publication.manifest is None:
+            strides = publication.checksum_strides
+            await asyncio.wait([asyncio.wrap_future(stride) for stride in strides])
+            parts = [None if s.cancelled() else s.result() for s in strides]
+            checksums = [0] * publication.layout.num_chunks
+            for first, part in enumerate(parts):
+                if part is None:
+                    raise self._refusal(step)
+                checksums[first :: len(parts)] = part
+            publication.manifest = _encode_manifest(publication, checksums)
+        return web.Response(body=publication.manifest, content_type=CONTENT_TYPE)
+
+    async def _handle_chunk(self, request: web.Request) -> web.StreamResponse:
+        step, publication = self._accept(request)
+        index = _path_int(request, "index")
+        if index >= publication.layout.num_chunks:
+            raise _Refused(
+                400,
+                "bad_request",
+                f"chunk {index} does not exist; step {step} has "
+                f"{publication.layout.num_chunks} chunks",
+            )
+        start, end = publication.layout.chunk_span(index)
+        length = end - start
+        # Zeroing and faulting in a fresh chunk-sized buffer per request costs
+        # as much CPU as the copy itself, hence the pool.
+        buffer = self._buffers.pop() if self._buffers else bytearray(self._chunk_bytes)
+        try:
+            if not await asyncio.to_thread(self._copy_chunk, publication, index, buffer):
+                raise self._refusal(step)
+            response = web.StreamResponse(headers={"Content-Type": _OCTET_STREAM})
+            response.content_length = length
+            await response.prepare(request)
+            view = memoryview(buffer)
+            try:
+                for offset in range(0, length, _WRITE_BYTES):
+                    await response.write(view[offset : min(offset + _WRITE_BYTES, length)])
+                await response.write_eof()
+            except ConnectionError as e:
+                # The receiver gave up (its deadline) or died; nothing to answer.
+                log.info("heal receiver went away", peer=request.remote, chunk=index, error=str(e))
+            return response
+        finally:
+            # Since Python 3.12 the transport queues views of what it could not
+            # send yet instead of copying it; such a buffer must not be reused.
+            transport = request.transport
+            if (
+                transport is not None
+                and transport.get_write_buffer_size() == 0
+                and len(self._buffers) < _POOLED_BUFFERS
+            ):
+                self._buffers.append(buffer)
+
+
+def _parse_int(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        raise _Refused(400, "bad_request", f"{what} must be a non-negative integer")
+    return int(text)
+
+
+def _query_int(request: web.Request, name: str) -> int:
+    if name not in request.query:
+        raise _Refused(400, "bad_request", f"missing query parameter {name!r}")
+    return _parse_int(request.query[name], f"query parameter {name!r}")
+
+
+def _path_int(request: web.Request, name: str) -> int:
+    return _parse_int(request.match_info[name], f"path component {name!r}")
+
+
+def _encode_manifest(publication: _Publication, checksums: list[int]) -> bytes:
+    layout = publication.layout
+    return pack(
+        {
+            "step": publication.step,
+            "chunk_bytes": layout.chunk_bytes,
+            "total_bytes": layout.total,
+            "num_chunks": layout.num_chunks,
+            "checksum": CHECKSUM,
+            "checksums": checksums,
+            "tensors": [
+                {
+                    "name": spec.name,
+                    "dtype": _DTYPES[spec.dtype],
+                    "shape": list(spec.shape),
+                    "offset": start,
+                    "nbytes": spec.nbytes,
+                }
+                for spec, start in zip(layout.specs, layout.starts[1:], strict=True)
+            ],
+        }
+    )
+
+
+# -- receiver ------------------------------------------------------------------------
+
+
+def _typed(message: Mapping[str, Any], name: str, kind: type[T]) -> T:
+    value = message.get(name)
+    # bool is an int subclass; a step must not be True.
+    if type(value) is not kind:
+        raise HealError(
+            f"malformed manifest: field {name!r} must be {kind.__name__}, "
+            f"got {type(value).__name__}",
+            "protocol",
+        )
+    return value
+
+
+def _int_list(message: Mapping[str, Any], name: str) -> list[int]:
+    values = _typed(message, name, list)
+    if not all(type(v) is int and v >= 0 for v in values):
+        raise HealError(f"malformed manifest: {name!r} must hold non-negative ints", "protocol")
+    return values
+
+
+def _donor_specs(manifest: Mapping[str, Any]) -> list[tuple[_Spec, int]]:
+    """The donor's tensors with their stream offsets, in stream order."""
+    specs = []
+    for entry in _typed(manifest, "tensors", list):
+        if not isinstance(entry, dict):
+            raise HealError("malformed manifest: 'tensors' must be a list of maps", "protocol")
+        name = _typed(entry, "name", str)
+        dtype = _TORCH_DTYPES.get(_typed(entry, "dtype", str))
+        if dtype is None:
+            raise HealError(
+                f"donor's tensor {name!r} has unknown dtype {entry['dtype']!r}", "protocol"
+            )
+        spec = _Spec(name, dtype, tuple(_int_list(entry, "shape")))
+        specs.append((spec, _typed(entry, "offset", int)))
+    return specs
+
+
+def _match(donor: Sequence[_Spec], into: Mapping[str, torch.Tensor]) -> None:
+    """Raise HealError naming the first difference between the donor's tensors and ``into``."""
+    names = {spec.name for spec in donor}
+    if len(names) != len(donor):
+        raise HealError("malformed manifest: a tensor name appears twice", "protocol")
+    for spec in donor:
+        if spec.name not in into:
+            raise HealError(
+                f"donor has tensor {spec.name!r}, which the destination lacks", "layout_mismatch"
+            )
+        tensor = into[spec.name]
+        ours = _Spec(spec.name, tensor.dtype, tuple(tensor.shape))
+        if ours != spec:
+            raise HealError(
+                f"tensor {spec.name!r}: donor has {spec.describe()}, "
+                f"destination has {ours.describe()}",
+                "layout_mismatch",
+            )
+        if tensor.layout != torch.strided or not tensor.is_contiguous():
+            raise HealError(
+                f"destination tensor {spec.name!r} is not contiguous; chunks are written "
+                "into its memory in place",
+                "layout_mismatch",
+            )
+    for name in into:
+        if name not in names:
+            raise HealError(
+                f"destination has tensor {name!r}, which the donor lacks", "layout_mismatch"
+            )
+
+
+def _read_manifest(
+    body: bytes, step: int, into: Mapping[str, torch.Tensor]
+) -> tuple[_Layout, list[int]]:
+    """Check the manifest against ``into``; nothing has been written yet."""
+    try:
+        manifest = unpack(body)
+    except ProtocolError as e:
+        raise HealError(f"malformed manifest: {e}", "protocol") from None
+    if _typed(manifest, "step", int) != step:
+        raise HealError(
+            f"asked for step {step}, donor's manifest is for step {manifest['step']}",
+            "step_mismatch",
+        )
+    if _typed(manifest, "checksum", str) != CHECKSUM:
+        raise HealError(f"donor uses checksum {manifest['checksum']!r}, not {CHECKSUM}", "protocol")
+    chunk_bytes = _typed(manifest, "chunk_bytes", int)
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise HealError(
+            f"donor's chunk size {chunk_bytes} is outside 1..{MAX_CHUNK_BYTES}", "protocol"
+        )
+    donor = _donor_specs(manifest)
+    _match([spec for spec, _ in donor], into)
+    layout = _Layout.build(step, [spec for spec, _ in donor], chunk_bytes)
+    checksums = _int_list(manifest, "checksums")
+    claimed = (
+        [offset for _, offset in donor],
+        _typed(manifest, "total_bytes", int),
+        _typed(manifest, "num_chunks", int),
+        len(checksums),
+    )
+    if claimed != (list(layout.starts[1:]), layout.total, layout.num_chunks, layout.num_chunks):
+        raise HealError(
+            "donor's manifest does not describe the stream its tensors imply "
+            "(offsets, total size or chunk count differ)",
+            "protocol",
+        )
+    return layout, checksums
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit: int, address: str) -> bytes:
+    body = bytearray()
+    async for data in response.content.iter_any():
+        body += data
+        if len(body) > limit:
+            raise HealError(f"donor {address} sent a reply over {limit} bytes", "protocol")
+    return bytes(body)
+
+
+async def _refused(response: aiohttp.ClientResponse, what: str, address: str) -> HealError:
+    code, message = decode_error(await _read_body(response, _ERROR_BODY_LIMIT, address))
+    return HealError(
+        f"donor {address} refused {what} (HTTP {response.status} {code}): {message}", code
+    )
+
+
+async def _in_thread(function: Callable[[], T]) -> T:
+    """Run ``function`` on the default executor and wait for it even if cancelled,
+    so no thread is still writing into the destination once fetch_state ends."""
+    future = asyncio.get_running_loop().run_in_executor(None, function)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+class _Fetch:
+    """One fetch_state call: where from, what into, and how many refetches."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        address: str,
+        step: int,
+        into: Mapping[str, torch.Tensor],
+        token: str | None,
+    ) -> None:
+        self.session = session
+        self.address = address
+        self.base = address if "://" in address else f"http://{address}"
+        self.step = step
+        self.into = into
+        self.headers = {} if token is None else {TOKEN_HEADER: f"Bearer {token}"}
+        self.refetches = 0
+
+    async def manifest(self) -> tuple[_Layout, list[int]]:
+        async with self.session.get(
+            f"{self.base}/v1/heal/manifest", params={"step": self.step}, headers=self.headers
+        ) as response:
+            if response.status != 200:
+                raise await _refused(response, "the manifest", self.address)
+            body = await _read_body(response, MAX_MESSAGE_BYTES, self.address)
+        return _read_manifest(body, self.step, self.into)
+
+    async def chunks(self, layout: _Layout, checksums: list[int], parallel: int) -> None:
+        targets = [None, *(_bytes_of(self.into[spec.name]) for spec in layout.specs)]
+        indices = iter(range(layout.num_chunks))
+
+        async def worker() -> None:
+            buffer = bytearray(layout.chunk_bytes)
+            for index in indices:
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(_CHECKSUM_ATTEMPTS),
+                    retry=retry_if_exception_type(_ChecksumMismatch),
+                    reraise=True,
+                ):
+                    with attempt:
+                        if attempt.retry_state.attempt_number > 1:
+                            self.refetches += 1
+                        await self.chunk(layout, index, buffer)
+                        await _in_thread(
+                            functools.partial(
+                                self.land, layout, index, buffer, checksums[index], targets
+                            )
+                        )
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(parallel, layout.num_chunks))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def chunk(self, layout: _Layout, index: int, buffer: bytearray) -> None:
+        """Read chunk ``index`` into the front of ``buffer``."""
+        start, end = layout.chunk_span(index)
+        expected = end - start
+        async with self.session.get(
+            f"{self.base}/v1/heal/chunk/{index}",
+            params={"step": self.step},
+            headers=self.headers,
+            read_bufsize=_READ_BUFFER_BYTES,
+        ) as response:
+            if response.status != 200:
+                raise await _refused(response, f"chunk {index}", self.address)
+            if response.content_length != expected:
+                raise HealError(
+                    f"donor {self.address} sent chunk {index} with length "
+                    f"{response.content_length}, expected {expected}",
+                    "protocol",
+                )
+            view = memoryview(buffer)
+            received = 0
+            # iter_chunks hands over each received block as is; iter_any would
+            # first join whatever is buffered into one more copy.
+            async for data, _ in response.content.iter_chunks():
+                # Content-Length bounds what aiohttp hands over, so this cannot overflow.
+                view[received : received + len(data)] = data
+                received += len(data)
+        if received != expected:
+            raise HealError(
+                f"donor {self.address} ended chunk {index} after {received} of {expected} bytes",
+                "donor_gone",
+            )
+
+    def land(
+        self,
+        layout: _Layout,
+        index: int,
+        buffer: bytearray,
+        checksum: int,
+        targets: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Verify a received chunk, then copy it into the destination tensors."""
+        start, end = layout.chunk_span(index)
+        if zlib.crc32(memoryview(buffer)[: end - start]) != checksum:
+            raise _ChecksumMismatch(
+                f"chunk {index} from donor {self.address} failed its {CHECKSUM} check "
+                f"{_CHECKSUM_ATTEMPTS} times",
+                "checksum",
+            )
+        staging = torch.frombuffer(buffer, dtype=torch.uint8)
+        for segment, offset, at, length in layout.pieces(index):
+            target = targets[segment]
+            if target is not None:  # None: the safetensors header, already known
+                target[offset : offset + length].copy_(staging[at : at + length])
+
+
+async def fetch_state(
+    address: str,
+    step: int,
+    into: Mapping[str, torch.Tensor],
+    *,
+    token: str | None = None,
+    parallel: int = 4,
+    timeout: float = 60.0,
+    session: aiohttp.ClientSession | None = None,
+) -> None:
+    """Copy the state a donor committed at ``step`` into the tensors of ``into``.
+
+    ``address`` is the donor's manager server, ``host:port`` or a URL.  The
+    donor's tensor names, dtypes and shapes must equal ``into``'s (whose
+    tensors must be contiguous); otherwise HealError names the first
+    difference before anything is written.  Chunks are fetched over
+    ``parallel`` connections, checked against the manifest's checksums
+    (a damaged chunk is fetched again, a few times), and copied straight into
+    ``into``'s memory, so the extra memory is about ``parallel`` chunks.
+
+    Contract: on HealError (``code``: ``step_mismatch``, ``not_ready``,
+    ``unauthorized``, ``layout_mismatch``, ``checksum``, ``donor_gone``,
+    ``timeout``, ``protocol``) the tensors of ``into`` may hold a mix of
+    old and new bytes and must not be treated as committed state: heal again,
+    from this or another donor, before using them.  When this returns or
+    raises, nothing is writing into them any more.  ``timeout`` bounds the
+    whole call.
+    """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    began = time.perf_counter()
+    try:
+        if session is None:
+            # No session-wide deadline: wait_for below is the one that counts.
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=parallel + 1),
+                timeout=aiohttp.ClientTimeout(total=None),
+            ) as own:
+                fetch = _Fetch(own, address, step, into, token)
+                total = await asyncio.wait_for(_run(fetch, parallel), timeout)
+        else:
+            fetch = _Fetch(session, address, step, into, token)
+            total = await asyncio.wait_for(_run(fetch, parallel), timeout)
+    except asyncio.TimeoutError:
+        error = HealError(f"heal from {address} took longer than {timeout:g}s", "timeout")
+        log.warning("heal failed", donor=address, step=step, code=error.code, error=str(error))
+        raise error from None
+    except HealError as error:
+        log.warning("heal failed", donor=address, step=step, code=error.code, error=str(error))
+        raise
+    seconds = time.perf_counter() - began
+    log.info(
+        "heal fetched",
+        donor=address,
+        step=step,
+        bytes=total,
+        seconds=round(seconds, 3),
+        gbps=round(total / seconds / 1e9, 3),
+        refetched_chunks=fetch.refetches,
+    )
+
+
+async def _run(fetch: _Fetch, parallel: int) -> int:
+    try:
+        layout, checksums = await fetch.manifest()
+        await fetch.chunks(layout, checksums, parallel)
+    except (aiohttp.ClientError, OSError) as e:
+        raise HealError(
+            f"donor {fetch.address} went away: {type(e).__name__}: {e}", "donor_gone"
+        ) from e
+    return layout.total
+
+
+def fetch_state_blocking(
+    address: str,
+    step: int,
+    into: Mapping[str, torch.Tensor],
+    *,
+    token: str | None = None,
+    parallel: int = 4,
+    timeout: float = 60.0,
+) -> None:
+    """:func:`fetch_state` for a thread without a running event loop."""
+    asyncio.run(fetch_state(address, step, into, token=token, parallel=parallel, timeout=timeout))
