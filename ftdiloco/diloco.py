@@ -80,7 +80,7 @@ class _OuterLoop:
             raise ValueError("the model has no trainable parameters")
         self.last_sync: SyncReport | None = None
         self._optimizer = optimizer
-        self._inner_steps = 0
+        self.inner_steps = 0
         self._hook: Any = None
 
     def __enter__(self) -> _OuterLoop:
@@ -93,8 +93,8 @@ class _OuterLoop:
             self._hook = None
 
     def _after_inner_step(self, *_: object) -> None:
-        self._inner_steps += 1
-        if self._inner_steps % self.sync_every == 0:
+        self.inner_steps += 1
+        if self.inner_steps % self.sync_every == 0:
             self.sync()
 
     def sync(self) -> SyncReport:

@@ -66,10 +66,13 @@ class GroupGather:
         try:
             return await asyncio.wait_for(asyncio.shield(rnd.result), timeout)
         except TimeoutError:
+            if len(rnd.values) == self.world_size:
+                # Everyone arrived; the decision (a lighthouse join) has its own
+                # deadline and answers every rank when it passes.
+                return await rnd.result
             missing = sorted(set(range(self.world_size)) - rnd.values.keys())
-            self._fail(
-                key, rnd, GroupError(f"{key}: group ranks {missing} did not arrive in {timeout:g}s")
-            )
+            error = GroupError(f"{key}: group ranks {missing} did not arrive in {timeout:g}s")
+            self._fail(key, rnd, error)
             return await rnd.result
 
     async def _finish(self, key: str, rnd: _Round, decide: Decide) -> None:

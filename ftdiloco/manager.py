@@ -37,7 +37,8 @@ from torch._C._distributed_c10d import TCPStore
 from ftdiloco import process_group
 from ftdiloco.config import Config
 from ftdiloco.group import GroupGather, contribute_remote
-from ftdiloco.plan import QuorumPlan, plan_quorum
+from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
+from ftdiloco.transport import HealError, StateServer, fetch_state
 from lighthouse import protocol
 from lighthouse.background import BackgroundLoop
 from lighthouse.client import AsyncLighthouseClient, LivenessLink
@@ -97,6 +98,8 @@ class Manager:
         self._abort: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._states: dict[str, _State] = {}
         self._buckets: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._dirty = False
+        self._state_server = StateServer(self.config.token)
 
         self._loop = BackgroundLoop(f"ftdiloco-{cfg.replica_id}-{cfg.rank}")
         self._headers = {protocol.TOKEN_HEADER: f"Bearer {cfg.token}"} if cfg.token else {}
@@ -149,8 +152,12 @@ class Manager:
     def start_quorum(self) -> QuorumPlan | None:
         """Join this outer step's quorum; on return the group may allreduce."""
         self._error = None
+        self._plan = None
         self._abort = concurrent.futures.Future()
         started = time.perf_counter()
+        if not self._dirty and self._states:
+            # Until the commit nothing changes this state: a peer may copy it.
+            self._state_server.publish(self._step, self._state_tensors())
         try:
             quorum = self._round("quorum", self._quorum_contribution())["quorum"]
             info = protocol.decode_quorum(quorum)
@@ -159,12 +166,17 @@ class Manager:
             )
             self._plan = plan
             self._reconfigure(plan)
-            if plan.heal:
-                self._heal(plan)
         except Exception as e:
             self.report_error(e)
             self._drop_process_group()
-            return self._plan
+            return None
+        if plan.heal:
+            try:
+                self._heal(plan)
+            except Exception as e:
+                # Keep the process group: this group still takes part in the
+                # allreduce (contributing nothing) so its peers are not stalled.
+                self.report_error(e)
         self._log.info(
             "quorum",
             quorum_id=plan.quorum_id,
@@ -224,6 +236,8 @@ class Manager:
             self.report_error(e)
             commit = False
         if commit:
+            # The caller is about to change the published state.
+            self._state_server.retract()
             self._step += 1
             self._commit_failures = 0
         else:
@@ -254,7 +268,12 @@ class Manager:
     # -- the group round (rank 0 answers for every rank) ----------------------------
 
     def _quorum_contribution(self) -> dict[str, Any]:
-        return {"step": self._step, "commit_failures": self._commit_failures, "heal": self.address}
+        return {
+            "step": self._step,
+            "commit_failures": self._commit_failures,
+            "heal": self.address,
+            "dirty": self._dirty,
+        }
 
     def _round(self, kind: str, value: dict[str, Any]) -> dict[str, Any]:
         self._rounds += 1
@@ -285,7 +304,10 @@ class Manager:
             step=lead["step"],
             world_size=self.group_size,
             commit_failures=lead["commit_failures"],
-            data={"heal": [values[r]["heal"] for r in range(self.group_size)]},
+            data={
+                "heal": [values[r]["heal"] for r in range(self.group_size)],
+                DIRTY: any(v["dirty"] for v in values.values()),
+            },
         )
         info = await self._lighthouse.join(member, timeout=self.config.quorum_timeout)
         quorum = Quorum(info.quorum_id, info.members, info.created)
@@ -303,6 +325,7 @@ class Manager:
         self._gather = GroupGather(
             self.group_size, {"quorum": self._decide_quorum, "vote": self._decide_vote}
         )
+        self._state_server.add_routes(app)
         if self.group_rank == 0:
             self._gather.add_routes(app, self._token_ok)
         runner = web.AppRunner(app, access_log=None)
@@ -406,8 +429,66 @@ class Manager:
         if pg is not None:
             process_group.abort(pg)
 
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}/{key}": tensor
+            for name, state in self._states.items()
+            for key, tensor in state.save().items()
+        }
+
     def _heal(self, plan: QuorumPlan) -> None:
-        raise NotImplementedError("healing arrives with the transport")
+        """Copy the committed state of ``plan.donor`` (this group rank's peer) into ours.
+
+        Received bytes land in our own tensors, so a heal needs no second copy
+        of the state; until one succeeds the group is *dirty*: it serves
+        nothing, never counts as a donor, and heals again at the next quorum.
+        """
+        donor = plan.donor
+        assert donor is not None
+        addresses = donor.data.get("heal")
+        if not isinstance(addresses, list) or len(addresses) <= self.group_rank:
+            raise HealError(f"donor {donor.replica_id} sent no heal address", "protocol")
+        self._state_server.retract()
+        self._dirty = True
+        local = self._state_tensors()
+
+        def destination(
+            layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        ) -> dict[str, torch.Tensor]:
+            out = {}
+            for name, dtype, shape in layout:
+                mine = local.get(name)
+                fits = mine is not None and (mine.dtype, tuple(mine.shape)) == (dtype, shape)
+                if mine is None or not fits or not mine.is_contiguous():
+                    mine = torch.empty(shape, dtype=dtype)  # e.g. optimizer state not made yet
+                out[name] = mine
+            return out
+
+        timeout = self.config.heal_timeout
+        started = time.perf_counter()
+        received = self._loop.run(
+            fetch_state(
+                addresses[self.group_rank],
+                plan.max_step,
+                destination,
+                token=self.config.token,
+                timeout=timeout,
+                session=self._session,
+            ),
+            timeout=timeout + 5,
+        )
+        for name, state in self._states.items():
+            prefix = f"{name}/"
+            state.load({k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)})
+        self._step = plan.max_step
+        self._dirty = False
+        self._log.info(
+            "healed",
+            donor=donor.replica_id,
+            step=self._step,
+            tensors=len(received),
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     def _pack(
         self, tensors: Sequence[torch.Tensor]

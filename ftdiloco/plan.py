@@ -63,6 +63,10 @@ def members_by_id(quorum: QuorumInfo) -> dict[str, Member]:
     return members
 
 
+# Member.data key a group sets while its own state is torn by a failed heal.
+DIRTY = "dirty"
+
+
 def plan_quorum(
     quorum: QuorumInfo, replica_id: str, group_rank: int, *, init_sync: bool = True
 ) -> QuorumPlan:
@@ -106,8 +110,20 @@ def plan_quorum(
         )
 
     participants = tuple(sorted(members))
-    max_step = max(m.step for m in members.values())
-    up_to_date = tuple(rid for rid in participants if members[rid].step == max_step)
+    # A group whose heal failed half-way holds torn state at its old step: it
+    # must heal, and must never be a donor, even if no one else is left.
+    clean = [m for m in members.values() if not m.data.get(DIRTY)]
+    if not clean:
+        raise ValueError(
+            f"no member of quorum {quorum.quorum_id} holds committed state: every one "
+            "is recovering from a failed heal; restart from a checkpoint"
+        )
+    max_step = max(m.step for m in clean)
+    up_to_date = tuple(
+        rid
+        for rid in participants
+        if members[rid].step == max_step and not members[rid].data.get(DIRTY)
+    )
     if init_sync and max_step == 0:
         up_to_date = up_to_date[:1]
     recovering = tuple(rid for rid in participants if rid not in up_to_date)

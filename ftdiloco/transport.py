@@ -69,6 +69,11 @@ __all__ = ["HealError", "StateServer", "fetch_state", "fetch_state_blocking"]
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+# The tensors to fill, or a function from the donor's layout to them.
+Destination = (
+    Mapping[str, torch.Tensor]
+    | Callable[[Sequence[tuple[str, torch.dtype, tuple[int, ...]]]], Mapping[str, torch.Tensor]]
+)
 
 # safetensors' names for the dtypes it can carry.
 _DTYPES: dict[torch.dtype, str] = {
@@ -549,8 +554,8 @@ def _match(donor: Sequence[_Spec], into: Mapping[str, torch.Tensor]) -> None:
 
 
 def _read_manifest(
-    body: bytes, step: int, into: Mapping[str, torch.Tensor]
-) -> tuple[_Layout, list[int]]:
+    body: bytes, step: int, into: Destination
+) -> tuple[_Layout, list[int], Mapping[str, torch.Tensor]]:
     """Check the manifest against ``into``; nothing has been written yet."""
     try:
         manifest = unpack(body)
@@ -569,6 +574,8 @@ def _read_manifest(
             f"donor's chunk size {chunk_bytes} is outside 1..{MAX_CHUNK_BYTES}", "protocol"
         )
     donor = _donor_specs(manifest)
+    if callable(into):
+        into = into([(spec.name, spec.dtype, spec.shape) for spec, _ in donor])
     _match([spec for spec, _ in donor], into)
     layout = _Layout.build(step, [spec for spec, _ in donor], chunk_bytes)
     checksums = _int_list(manifest, "checksums")
@@ -584,7 +591,7 @@ def _read_manifest(
             "(offsets, total size or chunk count differ)",
             "protocol",
         )
-    return layout, checksums
+    return layout, checksums, into
 
 
 async def _read_body(response: aiohttp.ClientResponse, limit: int, address: str) -> bytes:
@@ -622,14 +629,15 @@ class _Fetch:
         session: aiohttp.ClientSession,
         address: str,
         step: int,
-        into: Mapping[str, torch.Tensor],
+        into: Destination,
         token: str | None,
     ) -> None:
         self.session = session
         self.address = address
         self.base = address if "://" in address else f"http://{address}"
         self.step = step
-        self.into = into
+        self.destination = into
+        self.into: Mapping[str, torch.Tensor] = {}
         self.headers = {} if token is None else {TOKEN_HEADER: f"Bearer {token}"}
         self.refetches = 0
 
@@ -640,7 +648,8 @@ class _Fetch:
             if response.status != 200:
                 raise await _refused(response, "the manifest", self.address)
             body = await _read_body(response, MAX_MESSAGE_BYTES, self.address)
-        return _read_manifest(body, self.step, self.into)
+        layout, checksums, self.into = _read_manifest(body, self.step, self.destination)
+        return layout, checksums
 
     async def chunks(self, layout: _Layout, checksums: list[int], parallel: int) -> None:
         targets = [None, *(_bytes_of(self.into[spec.name]) for spec in layout.specs)]
@@ -730,14 +739,19 @@ class _Fetch:
 async def fetch_state(
     address: str,
     step: int,
-    into: Mapping[str, torch.Tensor],
+    into: Destination,
     *,
     token: str | None = None,
     parallel: int = 4,
     timeout: float = 60.0,
     session: aiohttp.ClientSession | None = None,
-) -> None:
+) -> Mapping[str, torch.Tensor]:
     """Copy the state a donor committed at ``step`` into the tensors of ``into``.
+
+    ``into`` may also be a function that, given the donor's tensors as
+    (name, dtype, shape), returns the destination: how a receiver whose state
+    is laid out lazily (an optimizer before its first step) allocates what
+    it lacks.  Returns the destination that was filled.
 
     ``address`` is the donor's manager server, ``host:port`` or a URL.  The
     donor's tensor names, dtypes and shapes must equal ``into``'s (whose
@@ -787,6 +801,7 @@ async def fetch_state(
         gbps=round(total / seconds / 1e9, 3),
         refetched_chunks=fetch.refetches,
     )
+    return fetch.into
 
 
 async def _run(fetch: _Fetch, parallel: int) -> int:
@@ -803,11 +818,13 @@ async def _run(fetch: _Fetch, parallel: int) -> int:
 def fetch_state_blocking(
     address: str,
     step: int,
-    into: Mapping[str, torch.Tensor],
+    into: Destination,
     *,
     token: str | None = None,
     parallel: int = 4,
     timeout: float = 60.0,
-) -> None:
+) -> Mapping[str, torch.Tensor]:
     """:func:`fetch_state` for a thread without a running event loop."""
-    asyncio.run(fetch_state(address, step, into, token=token, parallel=parallel, timeout=timeout))
+    return asyncio.run(
+        fetch_state(address, step, into, token=token, parallel=parallel, timeout=timeout)
+    )

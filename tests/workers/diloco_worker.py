@@ -49,7 +49,7 @@ def main() -> None:
     with manager, DiLoCo(manager, model, inner, outer, sync_every=4) as diloco:
         reported = None
         while manager.step < steps:
-            if manager.step == hang_at and diloco._inner_steps % 4 == 3:
+            if 0 <= hang_at <= manager.step and diloco.inner_steps % 4 == 3:
                 manager.allreduce = _hang  # type: ignore[method-assign]
             x = torch.randn(16, 32, generator=data)
             loss = (model(x) - x[:, :8]).pow(2).mean()
@@ -76,7 +76,8 @@ def main() -> None:
                     "time": time.time(),
                 }
                 out.write(json.dumps(record) + "\n")
-                if manager.step == pause_at:
+                if 0 <= pause_at <= manager.step:
+                    pause_at = -1  # once
                     print("PAUSED", flush=True)
                     sys.stdin.readline()
     print("DONE", flush=True)
