@@ -260,7 +260,8 @@ class QuorumCore:
                 waited = now - first_join
                 return None, (
                     f"waiting: {summary}, {alive - joined} alive replicas have not joined;"
-                    f" forming without them at the join timeout ({waited:.1f}/{cfg.join_timeout:g}s)"
+                    f" forming without them at the join timeout"
+                    f" ({waited:.1f}/{cfg.join_timeout:g}s)"
                 )
         candidates = self._candidates()
         if len(candidates) < cfg.min_replicas:
