@@ -5,10 +5,17 @@ FTDILOCO_*), plus test-only knobs:
   WORKER_LOG       JSONL file: one record per outer step (step, committed,
                    participants, hash of the global weights and outer state)
   WORKER_STEPS     stop after this many committed outer steps
+  WORKER_RESUME    first resume from FTDILOCO_CHECKPOINT_DIR and print
+                   "RESUMED <step> <hash> <params equal backup>" (step -1: none);
+                   with that directory set, SIGTERM saves and exits
   WORKER_HANG_AT   at this manager step, stop before the allreduce, print
                    "HANGING" and wait to be killed (so peers are mid-allreduce)
   WORKER_PAUSE_AT  at this manager step, print "PAUSED" between syncs and wait
                    for a line on stdin (so the test can kill it between syncs)
+  WORKER_SLOW_SERVE  when a peer heals from this group at this step or later,
+                   print "SERVING" and stall before sending state (so the
+                   test can kill a donor in the middle of a transfer)
+Every outer step also prints "STEP <n>" so a test can wait for progress.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 from torch import nn
 
 from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
 from ftdiloco.manager import Manager
+from ftdiloco.transport import StateServer
 from lighthouse import logs
 
 
@@ -37,6 +46,8 @@ def main() -> None:
     hang_at = int(os.environ.get("WORKER_HANG_AT", "-1"))
     pause_at = int(os.environ.get("WORKER_PAUSE_AT", "-1"))
     out = open(os.environ["WORKER_LOG"], "a", buffering=1)  # noqa: SIM115
+    if os.environ.get("WORKER_SLOW_SERVE"):
+        _stall_heal_serving(int(os.environ["WORKER_SLOW_SERVE"]))
 
     torch.manual_seed(0)  # every group starts from the same weights
     model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
@@ -47,6 +58,13 @@ def main() -> None:
     data = torch.Generator().manual_seed(group)
 
     with manager, DiLoCo(manager, model, inner, outer, sync_every=4) as diloco:
+        if os.environ.get("WORKER_RESUME"):
+            step = manager.step if manager.resume() else -1
+            pairs = zip(diloco.params, diloco.backup, strict=True)
+            same = all(torch.equal(p.detach(), b) for p, b in pairs)
+            print(f"RESUMED {step} {state_hash(diloco)} {same}", flush=True)
+        if manager.checkpoint_directory() is not None:
+            manager.install_sigterm_handler()
         reported = None
         while manager.step < steps:
             if 0 <= hang_at <= manager.step and diloco.inner_steps % 4 == 3:
@@ -73,14 +91,28 @@ def main() -> None:
                     "seconds": report.seconds,
                     "hash": state_hash(diloco),
                     "rolled_back_to_backup": rolled_back_ok,
+                    "healed": report.healed,
                     "time": time.time(),
                 }
                 out.write(json.dumps(record) + "\n")
+                print(f"STEP {report.step}", flush=True)
                 if 0 <= pause_at <= manager.step:
                     pause_at = -1  # once
                     print("PAUSED", flush=True)
                     sys.stdin.readline()
     print("DONE", flush=True)
+
+
+def _stall_heal_serving(from_step: int) -> None:
+    copy_chunk = StateServer._copy_chunk
+
+    def stalled(self: StateServer, publication: Any, *args: Any) -> bool:
+        if publication.step >= from_step:
+            print("SERVING", flush=True)
+            time.sleep(3600)
+        return copy_chunk(self, publication, *args)
+
+    StateServer._copy_chunk = stalled  # type: ignore[method-assign]
 
 
 def _hang(tensors: object) -> object:
