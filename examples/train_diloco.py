@@ -9,6 +9,11 @@ time while the lighthouse decides who takes part in each outer step::
 
 (repeat with REPLICA_GROUP_ID=1 and 2, each with its own --master_port).
 
+With ``--checkpoint-dir`` every rank also saves its state to disk (every
+``--checkpoint-every`` outer steps, on ``POST /v1/checkpoint`` to the group's
+manager, and on SIGTERM, after which it exits); ``--resume`` continues a job
+restarted from there, at the saved step, data position included.
+
 The script is an ordinary training loop; the library adds two lines, the
 ``Manager`` (this group's membership in each outer step) and ``DiLoCo``
 (which runs the outer step inside every ``sync_every``-th ``inner_opt.step()``).
@@ -25,7 +30,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -86,11 +91,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="small",
         help="tiny for tests and smoke runs (%(default)s)",
     )
+    parser.add_argument(
+        "--checkpoint-dir",
+        metavar="PATH",
+        help="save checkpoints under PATH (default: FTDILOCO_CHECKPOINT_DIR, else none)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="save every N committed outer steps (default: FTDILOCO_CHECKPOINT_EVERY, else "
+        "only at the end, on request and on SIGTERM)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the checkpoint directory",
+    )
     args = parser.parse_args(argv)
-    for name in ("outer_steps", "sync_every", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("outer_steps", "sync_every", "batch_size", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def checkpoint_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint flags as Config fields; flags win over the environment."""
+    overrides: dict[str, Any] = {}
+    if args.checkpoint_dir is not None:
+        overrides["checkpoint_dir"] = args.checkpoint_dir
+    if args.checkpoint_every is not None:
+        overrides["checkpoint_every"] = args.checkpoint_every
+    return overrides
 
 
 def build_model(size: str, seed: int) -> GPT:
@@ -198,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure()
     # Read (and validate) the environment before building anything.
-    config = Config.from_env()
+    config = Config.from_env(**checkpoint_overrides(args))
+    if args.resume and config.checkpoint_dir is None:
+        raise SystemExit("--resume needs --checkpoint-dir (or FTDILOCO_CHECKPOINT_DIR)")
     leader = config.rank == 0  # the group's rank 0 speaks for it
     if config.world_size > 1:
         dist.init_process_group("gloo")  # torchrun's env:// rendezvous, this group only
@@ -224,8 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         Manager(config) as manager,
         DiLoCo(manager, model, inner_opt, outer_opt, sync_every=args.sync_every) as diloco,
     ):
+        sampler = loader.sampler
+        assert isinstance(sampler, ShardSampler)
+        # Saved with every checkpoint, so a resumed run reads on where it stopped.
+        manager.checkpoint_metadata = lambda: {"sampler": sampler.state_dict()}
+        if args.resume:
+            if manager.resume():
+                assert manager.resumed_metadata is not None
+                if "sampler" in manager.resumed_metadata:
+                    sampler.load_state_dict(manager.resumed_metadata["sampler"])
+                if leader:
+                    print(f"resumed from step {manager.step}", flush=True)
+            elif leader:
+                print(f"no checkpoint in {config.checkpoint_dir}; starting at step 0", flush=True)
+        if config.checkpoint_dir is not None:
+            manager.install_sigterm_handler()
         previous = diloco.last_sync
-        for x, y in forever(loader):
+        # A run resumed at or past --outer-steps has nothing left to do.
+        batches = forever(loader) if manager.step < args.outer_steps else iter([])
+        for x, y in batches:
             _, loss = model(x, y)
             assert loss is not None  # targets were given
             loss.backward()
@@ -251,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             if manager.step >= args.outer_steps:
                 break
         committed = manager.step
+        if config.checkpoint_dir is not None:
+            manager.save_checkpoint()  # a later --resume with more --outer-steps goes on from here
 
     if leader:
         print(

@@ -62,6 +62,8 @@ ENV_VARS: dict[str, str] = {
     "heal_timeout": "FTDILOCO_HEAL_TIMEOUT",
     "heartbeat_interval": "FTDILOCO_HEARTBEAT_INTERVAL",
     "init_sync": "FTDILOCO_INIT_SYNC",
+    "checkpoint_dir": "FTDILOCO_CHECKPOINT_DIR",
+    "checkpoint_every": "FTDILOCO_CHECKPOINT_EVERY",
 }
 LIGHTHOUSE_ALIAS = "TORCHFT_LIGHTHOUSE"
 TOKEN_FILE = "FTDILOCO_TOKEN_FILE"
@@ -106,6 +108,10 @@ def _parse_str(variable: str, raw: str) -> str:
     return raw
 
 
+def _parse_path(variable: str, raw: str) -> Path:
+    return Path(raw)
+
+
 # How each plainly-read field is parsed; the lighthouse (alias, list) and the
 # token (file) are read by their own functions below.
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
@@ -126,6 +132,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "heal_timeout": _parse_float,
     "heartbeat_interval": _parse_float,
     "init_sync": _parse_bool,
+    "checkpoint_dir": _parse_path,
+    "checkpoint_every": _parse_int,
 }
 
 
@@ -263,6 +271,10 @@ class Config:
     heartbeat_interval: float
     # Heal every group from one primary before step 0 (see ftdiloco.plan).
     init_sync: bool
+    # Where this process's checkpoints go (ftdiloco.checkpoint); None: nowhere.
+    checkpoint_dir: Path | None = None
+    # Save every this many committed outer steps; None: only when asked.
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         _check("rank", self.rank, self.rank >= 0, "must be >= 0")
@@ -310,6 +322,26 @@ class Config:
             seconds = getattr(self, name)
             # Every deadline must be finite: an infinite one is a hang (I3).
             _check(name, seconds, math.isfinite(seconds) and seconds > 0, "must be > 0 seconds")
+        if self.checkpoint_dir is not None:
+            _check(
+                "checkpoint_dir", self.checkpoint_dir, str(self.checkpoint_dir) != "", "is empty"
+            )
+            # Overrides may give a str; the environment gives a Path.
+            object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir))
+        if self.checkpoint_every is not None:
+            _check(
+                "checkpoint_every",
+                self.checkpoint_every,
+                self.checkpoint_every >= 1,
+                "must be >= 1",
+            )
+            # Periodic saves with nowhere to put them would silently save nothing.
+            _check(
+                "checkpoint_every",
+                self.checkpoint_every,
+                self.checkpoint_dir is not None,
+                f"needs {ENV_VARS['checkpoint_dir']} (where to save)",
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -198,7 +198,9 @@ class DiLoCo(_OuterLoop):
         committed = manager.should_commit()
         if committed:
             self._outer_step()
-        return self._report(started, committed, self._flats)
+        report = self._report(started, committed, self._flats)
+        manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
+        return report
 
     def _outer_step(self) -> None:
         saved = [p.grad for p in self.params]
@@ -250,7 +252,9 @@ class LocalSGD(_OuterLoop):
             with torch.no_grad():
                 for view, p in zip(self._views, self.params, strict=True):
                     p.copy_(view)
-        return self._report(started, committed, self._flats)
+        report = self._report(started, committed, self._flats)
+        self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
+        return report
 
 
 def tensors_hash(tensors: Iterable[torch.Tensor]) -> str:

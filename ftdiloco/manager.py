@@ -21,11 +21,13 @@ from __future__ import annotations
 import concurrent.futures
 import hmac
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -35,6 +37,15 @@ from aiohttp import web
 from torch._C._distributed_c10d import TCPStore
 
 from ftdiloco import process_group
+from ftdiloco.checkpoint import (
+    CheckpointError,
+    check_layout,
+    list_checkpoints,
+    load_checkpoint,
+    rank_directory,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from ftdiloco.config import Config
 from ftdiloco.group import GroupGather, contribute_remote
 from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
@@ -323,11 +334,18 @@ class Manager:
     async def _serve(self) -> str:
         app = web.Application(client_max_size=protocol.MAX_MESSAGE_BYTES)
         self._gather = GroupGather(
-            self.group_size, {"quorum": self._decide_quorum, "vote": self._decide_vote}
+            self.group_size,
+            {
+                "quorum": self._decide_quorum,
+                "vote": self._decide_vote,
+                "checkpoint": self._decide_checkpoint,
+                "resume": self._decide_resume,
+            },
         )
         self._state_server.add_routes(app)
         if self.group_rank == 0:
             self._gather.add_routes(app, self._token_ok)
+            app.router.add_post("/v1/checkpoint", self._checkpoint_route)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = self.config.manager_port if self.group_rank == 0 else 0
@@ -547,6 +565,236 @@ class Manager:
             self._drop_process_group()
             return False
         return self._error is None
+
+    # -- durable checkpoints (ftdiloco.checkpoint) --------------------------------------------
+
+    # Set to a function returning JSON-able run metadata (a data loader's
+    # position, say) to store it with every checkpoint this manager saves.
+    checkpoint_metadata: Callable[[], dict[str, Any]] | None = None
+    # After ``resume`` returned True: that metadata, as saved.
+    resumed_metadata: dict[str, Any] | None = None
+    # Written by the server thread (requests) or a signal handler (stop) and
+    # read by the training thread at a step boundary.  Requests are counted,
+    # not flagged, so one that arrives while a save runs is not lost.
+    _checkpoint_requests = 0
+    _checkpoint_requests_done = 0
+    _stop_requested = False
+    _last_checkpoint_step: int | None = None
+
+    def checkpoint_directory(self, root: str | os.PathLike[str] | None = None) -> Path | None:
+        """This process's checkpoints: ``<root>/<replica id>/rank-<group rank>``.
+
+        ``root`` defaults to ``FTDILOCO_CHECKPOINT_DIR``; None if neither is set.
+        """
+        root = root if root is not None else self.config.checkpoint_dir
+        if root is None:
+            return None
+        return rank_directory(root, self.config.replica_id, self.group_rank)
+
+    def save_checkpoint(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Save this rank's registered state at the current step; returns the checkpoint's path.
+
+        Call between outer steps only: from ``start_quorum`` until the outer
+        optimizer has stepped the state is in flux.  A group whose last heal
+        failed holds torn state and refuses.  ``metadata`` (JSON) is stored
+        with the output of :attr:`checkpoint_metadata`.
+        """
+        directory = self.checkpoint_directory(root)
+        if directory is None:
+            raise ValueError("no checkpoint directory: pass one or set FTDILOCO_CHECKPOINT_DIR")
+        if self._dirty:
+            raise RuntimeError(
+                "this group's state is torn by a failed heal; there is nothing to save "
+                "until a heal succeeds"
+            )
+        user = dict(self.checkpoint_metadata() if self.checkpoint_metadata is not None else {})
+        user.update(metadata or {})
+        path = save_checkpoint(
+            directory,
+            self._step,
+            self._state_tensors(),
+            {"group_rank": self.group_rank, "group_size": self.group_size, "user": user},
+            replica_id=self.config.replica_id,
+        )
+        self._last_checkpoint_step = self._step
+        return path
+
+    def resume(self, root: str | os.PathLike[str] | None = None) -> bool:
+        """Load the newest checkpoint that every rank of the group holds intact.
+
+        Call on every rank, after the state is registered and before the
+        first outer step.  The ranks agree (a group round) on the step, so a
+        group never resumes at mixed steps; damaged checkpoints are skipped
+        with a warning.  The states' load callbacks receive the tensors and
+        :attr:`step` becomes the saved step; groups that are further ahead
+        still heal this one at the next quorum.  Returns False if there is
+        nothing to resume from.
+
+        Raises :class:`~ftdiloco.checkpoint.CheckpointError` if the checkpoint
+        does not fit the registered state (another model or optimizer):
+        silently starting over would lose the run.  If the checkpoint holds
+        tensors no state takes, that is found only after loading, so the
+        state may be partly overwritten when it raises.
+        """
+        directory = self.checkpoint_directory(root)
+        if directory is None:
+            raise ValueError("no checkpoint directory: pass one or set FTDILOCO_CHECKPOINT_DIR")
+        intact: dict[int, Path] = {}
+        for path in list_checkpoints(directory):
+            try:
+                intact[verify_checkpoint(path).step] = path
+            except CheckpointError as e:
+                self._log.warning("skipping a damaged checkpoint", path=str(path), error=str(e))
+        step = self._round("resume", {"steps": sorted(intact)})["step"]
+        if step is None:
+            self._log.info("no checkpoint to resume from", directory=str(directory))
+            return False
+        started = time.perf_counter()
+        local = self._state_tensors()
+
+        def destination(
+            layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        ) -> dict[str, torch.Tensor]:
+            out = dict(local)
+            for name, dtype, shape in layout:
+                if name not in out:  # e.g. optimizer state, made at the first step
+                    out[name] = torch.empty(shape, dtype=dtype)
+            return out
+
+        step, tensors, metadata = load_checkpoint(intact[step], destination)
+        for name, state in self._states.items():
+            prefix = f"{name}/"
+            state.load({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        # Tensors that no state took (another model's extra parameters) show
+        # up only now, as names the state no longer has.
+        check_layout(
+            [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], self._state_tensors()
+        )
+        self._step = step
+        self._last_checkpoint_step = step
+        user = metadata.get("user")
+        self.resumed_metadata = user if isinstance(user, dict) else {}
+        self._log.info(
+            "resumed from checkpoint",
+            path=str(intact[step]),
+            step=step,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return True
+
+    def maybe_checkpoint(self) -> Path | None:
+        """Save if a checkpoint is due; DiLoCo and LocalSGD call this after every outer step.
+
+        Due means: ``FTDILOCO_CHECKPOINT_EVERY`` steps have been committed
+        since step 0, ``POST /v1/checkpoint`` asked for one, or a SIGTERM
+        arrived (see :meth:`install_sigterm_handler`).  A request reaches one
+        rank only, so the ranks first agree in a group round, and all of them
+        save the same step.  After a SIGTERM it saves and then raises
+        ``SystemExit`` (0, or 1 if the save failed), which leaves through the
+        caller's ``with`` blocks so the lighthouse sees the group go at once.
+        A failed periodic save is logged, not raised: the peers still hold
+        the run, and stopping the training would not bring the disk back.
+        """
+        if self.checkpoint_directory() is None:
+            return None
+        requests = self._checkpoint_requests
+        asked = requests > self._checkpoint_requests_done
+        try:
+            answer = self._round("checkpoint", {"save": asked, "stop": self._stop_requested})
+            asked, stop = answer["save"] is True, answer["stop"] is True
+        except Exception as e:
+            self._log.warning("checkpoint round failed", error=repr(e))
+            asked, stop = False, self._stop_requested
+        every = self.config.checkpoint_every
+        due = (
+            every is not None
+            and self._step > 0
+            and self._step % every == 0
+            and self._step != self._last_checkpoint_step
+        )
+        path = None
+        if due or asked or stop:
+            try:
+                path = self.save_checkpoint()
+                self._checkpoint_requests_done = requests
+            except (OSError, RuntimeError, ValueError) as e:
+                self._log.error("checkpoint failed", step=self._step, error=repr(e))
+        if stop:
+            self._log.warning("stopping on SIGTERM", step=self._step, checkpoint=str(path))
+            raise SystemExit(0 if path is not None else 1)
+        return path
+
+    def install_sigterm_handler(self) -> None:
+        """On SIGTERM: save a checkpoint at the end of the current outer step, then exit.
+
+        Schedulers send SIGTERM some time before they kill a pre-empted job;
+        this keeps the progress since the last periodic checkpoint.  The
+        handler only sets a flag -- the training thread saves, at the next
+        step boundary (:meth:`maybe_checkpoint`) -- so the grace period must
+        cover the rest of an outer step plus a save.  A second SIGTERM, or
+        one after :meth:`close`, goes to the handler that was there before
+        (by default: the process ends at once).  Call from the main thread,
+        with a checkpoint directory configured.
+        """
+        if self.checkpoint_directory() is None:
+            raise ValueError("SIGTERM saves a checkpoint: set FTDILOCO_CHECKPOINT_DIR first")
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            if self._stop_requested or self._loop.loop.is_closed():
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self._stop_requested = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def _decide_checkpoint(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "save": any(v.get("save") is True for v in values.values()),
+            "stop": any(v.get("stop") is True for v in values.values()),
+        }
+
+    async def _decide_resume(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """The newest step every rank holds intact; None if there is none."""
+        common: set[int] | None = None
+        for rank in sorted(values):
+            steps = values[rank].get("steps")
+            if not isinstance(steps, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in steps
+            ):
+                raise protocol.ProtocolError(f"group rank {rank} sent no list of steps")
+            common = set(steps) if common is None else common & set(steps)
+        newest = {rank: max(v["steps"], default=None) for rank, v in values.items()}
+        step = max(common) if common else None
+        if len(set(newest.values())) > 1:
+            self._log.warning("group ranks hold different checkpoints", newest=newest, using=step)
+        return {"step": step}
+
+    async def _checkpoint_route(self, request: web.Request) -> web.Response:
+        """``POST /v1/checkpoint``: save at the next step boundary (202, with the current step).
+
+        Only flags the request: the training thread saves, since the state
+        must not be read while training changes it.
+        """
+        if not self._token_ok(request):
+            status, code, text = 401, "unauthorized", "missing or wrong token"
+        elif self.checkpoint_directory() is None:
+            status, code, text = 409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set"
+        else:
+            self._checkpoint_requests += 1
+            self._log.info("checkpoint requested", peer=request.remote, step=self._step)
+            body = protocol.pack({"ok": True, "step": self._step})
+            return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)
+        return web.Response(
+            status=status,
+            body=protocol.encode_error(code, text),
+            content_type=protocol.CONTENT_TYPE,
+        )
 
 
 def _start_thread(fn: Callable[[], T], name: str) -> concurrent.futures.Future[T]:

@@ -336,3 +336,55 @@ def test_warnings(env: dict[str, str], expected: list[str]) -> None:
     for problem, fragment in zip(problems, expected, strict=True):
         assert fragment in problem
     assert [(e["log_level"], e["problem"]) for e in logs] == [("warning", p) for p in problems]
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "expected"),
+    [
+        pytest.param({}, {}, (None, None), id="off by default"),
+        pytest.param(
+            {"FTDILOCO_CHECKPOINT_DIR": "/ck", "FTDILOCO_CHECKPOINT_EVERY": "5"},
+            {},
+            (Path("/ck"), 5),
+            id="from the environment",
+        ),
+        pytest.param(
+            {"FTDILOCO_CHECKPOINT_DIR": "/ck"}, {}, (Path("/ck"), None), id="only on request"
+        ),
+        pytest.param(
+            {"FTDILOCO_CHECKPOINT_DIR": "/ck", "FTDILOCO_CHECKPOINT_EVERY": "5"},
+            {"checkpoint_dir": "/other", "checkpoint_every": 2},
+            (Path("/other"), 2),
+            id="overrides (a str path) win",
+        ),
+    ],
+)
+def test_checkpoint_settings(
+    env: dict[str, str], overrides: dict[str, Any], expected: tuple[Path | None, int | None]
+) -> None:
+    config = Config.from_env({**LH, **env}, **overrides)
+    assert (config.checkpoint_dir, config.checkpoint_every) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "match"),
+    [
+        ({"FTDILOCO_CHECKPOINT_EVERY": "x"}, {}, "FTDILOCO_CHECKPOINT_EVERY='x' is not an integer"),
+        (
+            {"FTDILOCO_CHECKPOINT_DIR": "/ck", "FTDILOCO_CHECKPOINT_EVERY": "0"},
+            {},
+            "FTDILOCO_CHECKPOINT_EVERY=0 must be >= 1",
+        ),
+        (
+            {"FTDILOCO_CHECKPOINT_EVERY": "10"},
+            {},
+            "FTDILOCO_CHECKPOINT_EVERY=10 needs FTDILOCO_CHECKPOINT_DIR",
+        ),
+        ({}, {"checkpoint_dir": ""}, "FTDILOCO_CHECKPOINT_DIR='' is empty"),
+    ],
+)
+def test_invalid_checkpoint_settings_are_named(
+    env: dict[str, str], overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Config.from_env({**LH, **env}, **overrides)
