@@ -9,6 +9,8 @@ same state.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -16,9 +18,9 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import safetensors.torch
@@ -46,6 +48,8 @@ from tests.procs import ROOT, Proc, process_pool, start_lighthouse
 # The examples import each other as siblings, the way `torchrun examples/x.py` runs them.
 sys.path.insert(0, str(ROOT / "examples"))
 import train_diloco
+
+T = TypeVar("T")
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -369,7 +373,8 @@ class Trainer:
         self.model = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 4))
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.outer = torch.optim.SGD(self.model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
-        self.diloco = DiLoCo(m, self.model, self.inner, self.outer, sync_every=2).__enter__()
+        self.diloco = DiLoCo(m, self.model, self.inner, self.outer, sync_every=2)
+        self.diloco.__enter__()  # hooks inner.step(); the Manager's close outlives it
         self.data = torch.Generator().manual_seed(seed)
 
     def outer_steps(self, n: int) -> None:
@@ -530,6 +535,73 @@ def test_sigterm_saves_at_the_next_step_boundary_then_exits(
             assert received == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def on_both(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run one call per group rank at once, as the ranks' own processes would."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result(timeout=60) for f in [pool.submit(call) for call in calls]]
+
+
+def load_w(into: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    into.copy_(state["w"])
+
+
+def test_the_ranks_of_a_group_save_and_resume_the_same_step(
+    lighthouse_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    managers = on_both(
+        [
+            lambda rank=rank: manager(  # type: ignore[misc]
+                lighthouse_url, tmp_path, rank=rank, world_size=2, master_port=port
+            )
+            for rank in (0, 1)
+        ]
+    )
+    try:
+        weights = [torch.zeros(3), torch.zeros(3)]
+        for m, w in zip(managers, weights, strict=True):
+            m.register_state("s", functools.partial(dict, w=w), functools.partial(load_w, w))
+
+        def outer_step(rank: int) -> None:
+            m = managers[rank]
+            m.start_quorum()
+            m.allreduce([torch.ones(1)]).wait()
+            assert m.should_commit()
+            weights[rank].add_(1)
+            m.maybe_checkpoint()
+
+        def outer_steps(n: int) -> None:
+            for _ in range(n):
+                on_both([lambda r=r: outer_step(r) for r in (0, 1)])  # type: ignore[misc]
+
+        outer_steps(1)
+        # The request reaches rank 0 only; the group round makes rank 1 save too.
+        assert post_checkpoint(managers[0], None)[0] == 202
+        outer_steps(1)
+        assert [steps_on_disk(m) for m in managers] == [[2], [2]]
+        assert post_checkpoint(managers[0], None)[0] == 202
+        outer_steps(1)
+        assert [steps_on_disk(m) for m in managers] == [[2, 3], [2, 3]]
+
+        # Rank 1's newest checkpoint is damaged: the group resumes at step 2, not mixed.
+        directory = managers[1].checkpoint_directory()
+        assert directory is not None
+        flip_byte(directory / "step-3" / "state.safetensors", 90)
+        for w in weights:
+            w.fill_(-1)
+        assert on_both([m.resume for m in managers]) == [True, True]
+        assert [m.step for m in managers] == [2, 2]
+        assert all(torch.equal(w, torch.full((3,), 2.0)) for w in weights)
+    finally:
+        on_both([m.close for m in managers])
 
 
 def test_example_checkpoint_flags() -> None:
