@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ftdiloco.manager import Manager
+from ftdiloco.manager import Manager, Work
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,30 @@ class SyncReport:
     seconds: float
     bytes_sent: int
     healed: bool
+    waited: float
+    hidden_fraction: float
+
+
+def _flat_views(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One flat buffer per dtype and per-parameter views into it.
+
+    Sending whole flat buffers lets the manager allreduce without copying.
+    """
+    flats: list[torch.Tensor] = []
+    views: list[torch.Tensor] = [torch.empty(0)] * len(params)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for dtype, indices in by_dtype.items():
+        numel = sum(params[i].numel() for i in indices)
+        flat = torch.zeros(numel, dtype=dtype, device=params[indices[0]].device)
+        offset = 0
+        for i in indices:
+            n = params[i].numel()
+            views[i] = flat[offset : offset + n].view_as(params[i])
+            offset += n
+        flats.append(flat)
+    return flats, views
 
 
 def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -100,45 +124,78 @@ class _OuterLoop:
     def sync(self) -> SyncReport:
         raise NotImplementedError
 
-    def _flat_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One flat buffer per dtype and per-parameter views into it.
-
-        Sending whole flat buffers lets the manager allreduce without copying.
-        """
-        flats: list[torch.Tensor] = []
-        views: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, p in enumerate(self.params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        for dtype, indices in by_dtype.items():
-            flat = torch.zeros(
-                sum(self.params[i].numel() for i in indices),
-                dtype=dtype,
-                device=self.params[indices[0]].device,
-            )
-            offset = 0
-            for i in indices:
-                n = self.params[i].numel()
-                views[i] = flat[offset : offset + n].view_as(self.params[i])
-                offset += n
-            flats.append(flat)
-        return flats, views
-
-    def _report(self, started: float, committed: bool, flats: list[torch.Tensor]) -> SyncReport:
+    def _report(
+        self, started: float, committed: bool, flats: list[torch.Tensor], waited: float
+    ) -> SyncReport:
         plan = self.manager.plan
+        seconds = time.perf_counter() - started
         self.last_sync = SyncReport(
             step=self.manager.step,
             committed=committed,
             participants=plan.replica_world_size if plan is not None else 0,
             quorum_id=plan.quorum_id if plan is not None else -1,
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
             bytes_sent=sum(f.numel() * f.element_size() for f in flats),
             healed=plan.heal if plan is not None else False,
+            waited=waited,
+            # Of the time from sending to applying, the share the inner loop
+            # did not spend blocked on the network.
+            hidden_fraction=max(0.0, 1.0 - waited / seconds) if seconds > 0 else 0.0,
         )
         return self.last_sync
 
 
+@dataclass
+class _InFlight:
+    """A fragment's sync between its start and the inner step where it is applied."""
+
+    work: Work
+    started: float
+    apply_at: int
+
+
+@dataclass
+class _Fragment:
+    """A slice of the model (in module order) with its own sync schedule and backup."""
+
+    index: int
+    params: list[nn.Parameter]
+    backup: list[torch.Tensor]
+    flats: list[torch.Tensor]
+    pseudo: list[torch.Tensor]
+    offset: int  # the inner step (mod sync_every) at which its sync starts
+    in_flight: _InFlight | None = None
+
+
+def split_fragments(params: list[nn.Parameter], n: int) -> list[list[nn.Parameter]]:
+    """``n`` consecutive runs of parameters of about equal bytes, in module order."""
+    if not 1 <= n <= len(params):
+        raise ValueError(f"fragments must be between 1 and {len(params)} parameters, got {n}")
+    sizes = [p.numel() * p.element_size() for p in params]
+    total = sum(sizes)
+    runs: list[list[nn.Parameter]] = [[] for _ in range(n)]
+    done, target = 0, 0
+    for i, (p, size) in enumerate(zip(params, sizes, strict=True)):
+        by_bytes = (2 * done + size) * n // max(2 * total, 1)  # where its middle falls
+        # Never skip a fragment, and leave a parameter for every later one.
+        target = max(min(by_bytes, target + 1, n - 1, i), n - (len(params) - i))
+        runs[target].append(p)
+        done += size
+    return runs
+
+
 class DiLoCo(_OuterLoop):
+    """DiLoCo, optionally streaming: the model travels in fragments, overlapped with compute.
+
+    ``fragments`` (N) splits the model into N slices synchronised at staggered
+    points of the outer period, so at most one slice is on the wire at a time.
+    ``sync_delay`` (tau) starts a slice's allreduce tau inner steps before its
+    result is applied, hiding the communication behind those steps.  ``alpha``
+    merges the new global weights with the local ones at application
+    (0: take the global weights).  N = 1, tau = 0, alpha = 0 is plain DiLoCo.
+    Each fragment has its own backup and rolls back on its own.
+    """
+
     def __init__(
         self,
         manager: Manager,
@@ -147,72 +204,130 @@ class DiLoCo(_OuterLoop):
         outer_optimizer: torch.optim.Optimizer,
         sync_every: int,
         backup_device: str | torch.device = "cpu",
+        *,
+        fragments: int = 1,
+        sync_delay: int = 0,
+        alpha: float = 0.0,
     ) -> None:
         super().__init__(manager, model, inner_optimizer, sync_every)
+        if not 0 <= sync_delay < sync_every // fragments:
+            raise ValueError(
+                f"sync_delay must be in [0, sync_every // fragments) ="
+                f" [0, {sync_every // fragments}) so that one fragment is on the wire at a time;"
+                f" got {sync_delay}"
+            )
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.inner_optimizer = inner_optimizer
         self.outer_optimizer = outer_optimizer
+        self.sync_delay = sync_delay
+        self.alpha = alpha
         outer_params = {id(p) for g in outer_optimizer.param_groups for p in g["params"]}
         if any(id(p) not in outer_params for p in self.params):
             raise ValueError("the outer optimizer must hold every trainable model parameter")
         device = torch.device(backup_device)
         pin = device.type == "cpu" and torch.cuda.is_available()
-        self.backup = [
-            p.detach().to(device, copy=True).pin_memory()
-            if pin
-            else p.detach().to(device, copy=True)
-            for p in self.params
-        ]
-        self._flats, self._pseudo = self._flat_views()
+        self.fragments = []
+        for index, params in enumerate(split_fragments(self.params, fragments)):
+            backup = [p.detach().to(device, copy=True) for p in params]
+            if pin:  # page-locked host memory makes device<->backup copies asynchronous
+                backup = [b.pin_memory() for b in backup]
+            flats, pseudo = _flat_views(params)
+            offset = (index + 1) * sync_every // fragments % sync_every
+            self.fragments.append(_Fragment(index, params, backup, flats, pseudo, offset))
+        self.backup = [b for f in self.fragments for b in f.backup]
         manager.register_state("diloco", self._save, self._load)
 
     def _save(self) -> dict[str, torch.Tensor]:
         state = {f"backup.{i}": b for i, b in enumerate(self.backup)}
         state.update(optimizer_tensors("outer", self.outer_optimizer))
-        state.update(optimizer_tensors("inner", self.inner_optimizer))
+        if self.sync_delay == 0:
+            # With a delay the inner loop runs on while a peer may be copying
+            # this state, so the inner optimizer's moments are not carried.
+            state.update(optimizer_tensors("inner", self.inner_optimizer))
         return state
 
     def _load(self, state: dict[str, torch.Tensor]) -> None:
-        """Adopt a peer's committed state: global weights, both optimizers' state."""
+        """Adopt a peer's committed state: global weights, optimizer state."""
         for i, b in enumerate(self.backup):
             b.copy_(state[f"backup.{i}"])
         load_optimizer_tensors("outer", self.outer_optimizer, state)
-        load_optimizer_tensors("inner", self.inner_optimizer, state)
-        self._restore()
+        if self.sync_delay == 0:
+            load_optimizer_tensors("inner", self.inner_optimizer, state)
+        for fragment in self.fragments:
+            _copy_all(fragment.params, fragment.backup)
 
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for p, b in zip(self.params, self.backup, strict=True):
-                p.copy_(b, non_blocking=True)
+    def _after_inner_step(self, *_: object) -> None:
+        self.inner_steps += 1
+        for fragment in self.fragments:
+            if fragment.in_flight is not None and fragment.in_flight.apply_at == self.inner_steps:
+                self._apply(fragment)
+            if self.inner_steps % self.sync_every == fragment.offset:
+                self._start(fragment)
+                if self.sync_delay == 0:
+                    self._apply(fragment)
 
     def sync(self) -> SyncReport:
-        """The outer step; a failure is rolled back, never raised."""
+        """Every fragment's outer step, now (e.g. at the end of training)."""
+        for fragment in self.fragments:
+            if fragment.in_flight is None:
+                self._start(fragment)
+            self._apply(fragment)
+        assert self.last_sync is not None
+        return self.last_sync
+
+    def _start(self, fragment: _Fragment) -> None:
+        """Join the quorum and send the fragment's pseudo-gradient (in the background)."""
         started = time.perf_counter()
-        manager = self.manager
-        manager.start_quorum()  # a group that is behind heals here: backup, model and optimizers
+        self.manager.start_quorum()  # a group that is behind heals here, every fragment
         with torch.no_grad():
-            for pseudo, p, b in zip(self._pseudo, self.params, self.backup, strict=True):
+            for pseudo, p, b in zip(fragment.pseudo, fragment.params, fragment.backup, strict=True):
                 pseudo.copy_(b, non_blocking=True)
                 pseudo.sub_(p)
-        manager.allreduce(self._flats).wait()
-        self._restore()
-        committed = manager.should_commit()
-        if committed:
-            self._outer_step()
-        report = self._report(started, committed, self._flats)
-        manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
-        return report
+        work = self.manager.allreduce(fragment.flats)
+        fragment.in_flight = _InFlight(work, started, self.inner_steps + self.sync_delay)
 
-    def _outer_step(self) -> None:
+    def _apply(self, fragment: _Fragment) -> None:
+        """Wait for the fragment's average; commit and step, or roll the fragment back."""
+        flight = fragment.in_flight
+        assert flight is not None
+        fragment.in_flight = None
+        waiting = time.perf_counter()
+        flight.work.wait()
+        waited = time.perf_counter() - waiting
+        local = [p.detach().clone() for p in fragment.params] if self.alpha > 0 else None
+        _copy_all(fragment.params, fragment.backup)
+        committed = self.manager.should_commit()
+        if committed:
+            self._outer_step(fragment)
+            if local is not None:
+                with torch.no_grad():
+                    for p, mine in zip(fragment.params, local, strict=True):
+                        p.lerp_(mine, self.alpha)
+        self._report(flight.started, committed, fragment.flats, waited)
+        self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
+
+    def _outer_step(self, fragment: _Fragment) -> None:
+        """Outer optimizer on this fragment only: the others' grads are hidden from it."""
         saved = [p.grad for p in self.params]
-        for p, pseudo in zip(self.params, self._pseudo, strict=True):
+        mine = {id(p) for p in fragment.params}
+        for p in self.params:
+            if id(p) not in mine:
+                p.grad = None
+        for p, pseudo in zip(fragment.params, fragment.pseudo, strict=True):
             p.grad = pseudo
         self.outer_optimizer.step()
-        with torch.no_grad():
-            for p, b, g in zip(self.params, self.backup, saved, strict=True):
-                b.copy_(p, non_blocking=True)
-                p.grad = g
+        _copy_all(fragment.backup, fragment.params)
+        for p, g in zip(self.params, saved, strict=True):
+            p.grad = g
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+def _copy_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s, non_blocking=True)
 
 
 class LocalSGD(_OuterLoop):
@@ -226,7 +341,7 @@ class LocalSGD(_OuterLoop):
     ) -> None:
         super().__init__(manager, model, optimizer, sync_every)
         self.optimizer = optimizer
-        self._flats, self._views = self._flat_views()
+        self._flats, self._views = _flat_views(self.params)
         manager.register_state("localsgd", self._save, self._load)
 
     def _save(self) -> dict[str, torch.Tensor]:
@@ -246,13 +361,13 @@ class LocalSGD(_OuterLoop):
         with torch.no_grad():
             for view, p in zip(self._views, self.params, strict=True):
                 view.copy_(p)
+        waiting = time.perf_counter()
         self.manager.allreduce(self._flats).wait()
+        waited = time.perf_counter() - waiting
         committed = self.manager.should_commit()
         if committed:
-            with torch.no_grad():
-                for view, p in zip(self._views, self.params, strict=True):
-                    p.copy_(view)
-        report = self._report(started, committed, self._flats)
+            _copy_all(self.params, self._views)
+        report = self._report(started, committed, self._flats, waited)
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
         return report
 

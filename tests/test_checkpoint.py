@@ -18,7 +18,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,8 +41,6 @@ from ftdiloco.config import Config
 from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
 from ftdiloco.manager import Manager
 from lighthouse import protocol
-from lighthouse.background import BackgroundLoop
-from lighthouse.server import LighthouseServer, ServerConfig
 from tests.procs import ROOT, Proc, process_pool, start_lighthouse
 
 # The examples import each other as siblings, the way `torchrun examples/x.py` runs them.
@@ -342,20 +340,6 @@ def test_rank_directory_stays_inside_the_root(replica_id: str, expected: str) ->
 
 
 # -- through a Manager, in process ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lighthouse_url() -> Iterator[str]:
-    loop = BackgroundLoop("test-lighthouse")
-
-    async def start() -> tuple[LighthouseServer, str]:
-        server = LighthouseServer(ServerConfig(min_replicas=1, join_timeout=5.0))
-        return server, await server.start()
-
-    server, url = loop.run(start(), timeout=10)
-    yield url
-    loop.run(server.stop(), timeout=10)
-    loop.close()
 
 
 def manager(url: str, root: Path | None, **fields: Any) -> Manager:

@@ -91,8 +91,9 @@ def test_survivors_commit_after_kills_between_syncs_and_mid_allreduce(tmp_path: 
         assert survivor.wait(timeout=30) == 0, survivor.tail()
 
     survivor_records = records(logs[2])
-    committed = [r for r in survivor_records if r["committed"]]
-    assert [r["step"] for r in committed] == list(range(1, 9))
+    committed = [r["step"] for r in survivor_records if r["committed"]]
+    # Every step from its first (it may have healed in late) to the last, no gaps.
+    assert committed == list(range(committed[0], 9))
     rolled_back = [r for r in survivor_records if not r["committed"]]
     # The allreduce the dead group was part of failed and was rolled back to the backup.
     assert rolled_back, "the step interrupted by the kill should have been rolled back"

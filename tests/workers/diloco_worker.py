@@ -15,6 +15,7 @@ FTDILOCO_*), plus test-only knobs:
   WORKER_SLOW_SERVE  when a peer heals from this group at this step or later,
                    print "SERVING" and stall before sending state (so the
                    test can kill a donor in the middle of a transfer)
+  WORKER_FRAGMENTS, WORKER_SYNC_DELAY  streaming DiLoCo settings
 Every outer step also prints "STEP <n>" so a test can wait for progress.
 """
 
@@ -57,7 +58,11 @@ def main() -> None:
     group = int(manager.config.replica_group_id) * 100 + manager.config.rank
     data = torch.Generator().manual_seed(group)
 
-    with manager, DiLoCo(manager, model, inner, outer, sync_every=4) as diloco:
+    streaming = {
+        "fragments": int(os.environ.get("WORKER_FRAGMENTS", "1")),
+        "sync_delay": int(os.environ.get("WORKER_SYNC_DELAY", "0")),
+    }
+    with manager, DiLoCo(manager, model, inner, outer, sync_every=4, **streaming) as diloco:
         if os.environ.get("WORKER_RESUME"):
             step = manager.step if manager.resume() else -1
             pairs = zip(diloco.params, diloco.backup, strict=True)

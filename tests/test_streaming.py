@@ -1,0 +1,184 @@
+"""Streaming DiLoCo: fragments on staggered schedules, overlapped with compute.
+
+With one fragment and no delay it must be exactly DiLoCo (checked bitwise
+against the outer step written out by hand); with more it must keep every
+group's committed state identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ftdiloco.config import Config
+from ftdiloco.diloco import DiLoCo, split_fragments
+from ftdiloco.manager import Manager
+from tests.procs import process_pool, start_lighthouse
+from tests.test_diloco_faults import assert_consistent, records, start_group
+
+SYNC_EVERY = 4
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 8, generator=gen) for _ in range(n)]
+
+
+def inner_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    (model(x) - x[:, :4]).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def optimizers(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    return inner, outer
+
+
+@pytest.fixture
+def manager(lighthouse_url: str, request: pytest.FixtureRequest) -> Manager:
+    config = Config.from_env(
+        {}, lighthouse=lighthouse_url, replica_group_id=request.node.name[:40], timeout=5.0
+    )
+    m = Manager(config)
+    request.addfinalizer(m.close)
+    return m
+
+
+def test_one_fragment_without_delay_is_plain_diloco_bitwise(manager: Manager) -> None:
+    data = batches(5 * SYNC_EVERY)
+    # By hand: H inner steps, then the outer step on (backup - local).
+    ref = make_model()
+    ref_inner, ref_outer = optimizers(ref)
+    backup = [p.detach().clone() for p in ref.parameters()]
+    for step, x in enumerate(data, 1):
+        inner_step(ref, ref_inner, x)
+        if step % SYNC_EVERY == 0:
+            with torch.no_grad():
+                for p, b in zip(ref.parameters(), backup, strict=True):
+                    p.grad = b - p
+                    p.copy_(b)
+            ref_outer.step()
+            ref_outer.zero_grad()
+            backup = [p.detach().clone() for p in ref.parameters()]
+
+    model = make_model()
+    inner, outer = optimizers(model)
+    with DiLoCo(manager, model, inner, outer, sync_every=SYNC_EVERY, fragments=1, sync_delay=0):
+        for x in data:
+            inner_step(model, inner, x)
+    assert manager.step == 5
+    for got, want in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_fragments_sync_on_staggered_schedules_and_apply_after_the_delay(
+    manager: Manager,
+) -> None:
+    model = make_model()
+    inner, outer = optimizers(model)
+    diloco = DiLoCo(manager, model, inner, outer, sync_every=8, fragments=2, sync_delay=2)
+    first, second = diloco.fragments
+    assert (first.offset, second.offset) == (4, 0)
+    committed_at: list[int] = []
+    with diloco:
+        for x in batches(16):
+            before = manager.step
+            inner_step(model, inner, x)
+            if manager.step != before:
+                committed_at.append(diloco.inner_steps)
+                assert diloco.last_sync is not None and diloco.last_sync.committed
+    # Fragment 0 starts at inner step 4 and applies at 6; fragment 1 at 8 -> 10; ...
+    assert committed_at == [6, 10, 14]
+    assert second.in_flight is not None  # started at 16, applies at 18
+
+
+def test_alpha_one_keeps_the_local_weights_of_the_fragment(manager: Manager) -> None:
+    model = make_model()
+    inner, outer = optimizers(model)
+    with DiLoCo(manager, model, inner, outer, sync_every=SYNC_EVERY, alpha=1.0) as diloco:
+        data = batches(SYNC_EVERY)
+        for x in data[:-1]:
+            inner_step(model, inner, x)
+        probe = make_model()
+        probe.load_state_dict(model.state_dict())
+        probe_inner, _ = optimizers(probe)
+        # deepcopy: load_state_dict may share (not copy) the moment tensors.
+        probe_inner.load_state_dict(copy.deepcopy(inner.state_dict()))
+        inner_step(probe, probe_inner, data[-1])  # what the local weights will be
+        inner_step(model, inner, data[-1])  # triggers the sync
+    assert diloco.last_sync is not None and diloco.last_sync.committed
+    for got, local, b in zip(model.parameters(), probe.parameters(), diloco.backup, strict=True):
+        assert torch.equal(got, local)
+        assert not torch.equal(b, local)  # the global weights moved by the outer step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fragments": 2, "sync_delay": 2}, "sync_delay"),
+        ({"fragments": 99}, "fragments"),
+        ({"alpha": 1.5}, "alpha"),
+    ],
+)
+def test_bad_streaming_settings_are_refused(
+    manager: Manager, kwargs: dict[str, float], match: str
+) -> None:
+    model = make_model()
+    inner, outer = optimizers(model)
+    with pytest.raises(ValueError, match=match):
+        DiLoCo(manager, model, inner, outer, sync_every=SYNC_EVERY, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "n", "expected"),
+    [
+        ((1, 1000, 1, 1, 1), 3, [[1], [1000], [1, 1, 1]]),
+        ((100, 1, 1, 1), 3, [[100], [1], [1, 1]]),
+        ((1, 1, 100, 1), 4, [[1], [1], [100], [1]]),
+        ((3, 3, 3, 3, 3, 3), 3, [[3, 3], [3, 3], [3, 3]]),
+        ((5,), 1, [[5]]),
+    ],
+)
+def test_fragments_balance_bytes_in_module_order_and_none_is_empty(
+    sizes: tuple[int, ...], n: int, expected: list[list[int]]
+) -> None:
+    params = [nn.Parameter(torch.zeros(k)) for k in sizes]
+    runs = split_fragments(params, n)
+    assert [[p.numel() for p in run] for run in runs] == expected
+    assert [p for run in runs for p in run] == params
+
+
+@pytest.mark.integration
+def test_streaming_groups_commit_identical_state(tmp_path: Path) -> None:
+    logs = [tmp_path / f"g{g}.jsonl" for g in range(2)]
+    with process_pool() as procs:
+        _, url = start_lighthouse(procs, "--min-replicas", "2")
+        groups = [
+            start_group(
+                procs,
+                url,
+                g,
+                logs[g],
+                WORKER_STEPS="8",
+                WORKER_FRAGMENTS="2",
+                WORKER_SYNC_DELAY="1",
+            )
+            for g in range(2)
+        ]
+        for proc in groups:
+            proc.wait_for("DONE", timeout=90)
+            assert proc.wait(timeout=30) == 0, proc.tail()
+    by_step = assert_consistent(logs)
+    assert set(range(1, 9)) <= set(by_step)
+    assert all(r["participants"] == 2 for log in logs for r in records(log) if r["committed"])
