@@ -4,10 +4,12 @@ The donor serves its state as one safetensors stream (8-byte header length,
 JSON header, raw little-endian tensor bytes), cut into fixed-size chunks that
 a receiver fetches in parallel.  The stream is never built in memory: each
 chunk is copied straight out of the published tensors, under a lock, so a
-``retract()`` can never let half-old, half-new bytes leave the donor.  The
-manifest carries a checksum per chunk, computed when the state is published,
-so the receiver can tell a corrupted chunk (refetched) from a donor that went
-away (:class:`HealError`).  Concatenating all chunks yields a file that
+``retract()`` can never let half-old, half-new bytes leave the donor.
+Publishing does no work proportional to the state: nothing is read until a
+receiver asks for a chunk.  The donor then checksums the bytes it just copied
+out and sends the checksum with them, so the receiver can tell a chunk
+corrupted on the way (refetched) from a donor that went away
+(:class:`HealError`).  Concatenating all chunks yields a file that
 ``safetensors.torch.load`` reads; no pickle is involved anywhere.
 
 Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes`):
@@ -15,11 +17,12 @@ Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes
 ``GET /v1/heal/manifest?step=N``
     200 msgpack manifest (``lighthouse.protocol.pack``): ``step``,
     ``chunk_bytes``, ``total_bytes``, ``num_chunks``, ``checksum`` (the
-    algorithm), ``checksums`` (one per chunk) and ``tensors`` (``name``,
-    ``dtype``, ``shape``, ``offset`` into the stream, ``nbytes``).
+    algorithm of the chunks' checksums) and ``tensors`` (``name``, ``dtype``,
+    ``shape``, ``offset`` into the stream, ``nbytes``).
 ``GET /v1/heal/chunk/{index}?step=N``
     200 ``application/octet-stream``: bytes ``[index * chunk_bytes, ...)`` of
-    the stream.
+    the stream, with their crc32 as a decimal integer in the
+    ``X-Ftdiloco-Crc32`` header.
 
 Both answer 400 ``bad_request``, 401 ``unauthorized`` (when the server has a
 token, requests need ``Authorization: Bearer <token>``), 409 ``step_mismatch``
@@ -32,19 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import concurrent.futures
 import functools
 import hmac
 import itertools
 import json
 import math
-import os
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -99,6 +100,8 @@ _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 # ~0.6 GB/s, which would cap a heal well below the network.  A CRC catches
 # corruption, which is all it is for: the donor is trusted, its bytes are not.
 CHECKSUM = "crc32"
+# The response header that carries a chunk's checksum.
+CHECKSUM_HEADER = "X-Ftdiloco-Crc32"
 # A receiver holds `parallel` chunks at once; refuse donors that ask for more.
 MAX_CHUNK_BYTES = 256 << 20
 # Response bodies go out in slices this large, so a slice the socket cannot
@@ -221,15 +224,7 @@ class _Publication:
     layout: _Layout
     # Per segment, the bytes to serve: the header, then each tensor.
     sources: list[torch.Tensor]
-    # One future per hashing thread; thread k hashes chunks k, k + threads, ...
-    checksum_strides: list[concurrent.futures.Future[list[int] | None]] = field(
-        default_factory=list
-    )
     manifest: bytes | None = None
-
-    def abandon(self) -> None:
-        for stride in self.checksum_strides:
-            stride.cancel()
 
 
 class _Refused(Exception):
@@ -267,10 +262,9 @@ class StateServer:
 
     ``publish`` and ``retract`` are called from the training thread while the
     routes run on an event loop in another thread; one lock orders them with
-    every copy out of the tensors.  Checksums are computed on a few background
-    threads as soon as state is published: the first heal after a commit
-    usually arrives within the next quorum, and would otherwise wait for a
-    full pass over the state before receiving a byte.
+    every copy out of the tensors.  Publishing reads none of the state (it
+    happens every outer step, heals are rare): each chunk is copied out and
+    checksummed only when a receiver asks for it.
     """
 
     def __init__(self, token: str | None = None, chunk_bytes: int = 8 << 20) -> None:
@@ -282,10 +276,6 @@ class StateServer:
         self._published: _Publication | None = None
         # Used on the event loop's thread only.
         self._buffers: list[bytearray] = []
-        self._hash_threads = min(4, os.cpu_count() or 1)
-        self._hashers = concurrent.futures.ThreadPoolExecutor(
-            self._hash_threads, thread_name_prefix="ftdiloco-heal-checksum"
-        )
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/heal/manifest", _answer_refusals(self._handle_manifest))
@@ -312,23 +302,14 @@ class StateServer:
         header = torch.frombuffer(bytearray(layout.header), dtype=torch.uint8)
         sources = [header, *(_bytes_of(t.contiguous()) for t in tensors.values())]
         publication = _Publication(step, layout, sources)
-        threads = min(self._hash_threads, layout.num_chunks)
         with self._lock:
-            previous, self._published = self._published, publication
-            publication.checksum_strides = [
-                self._hashers.submit(self._checksum_stride, publication, first, threads)
-                for first in range(threads)
-            ]
-        if previous is not None:
-            previous.abandon()
+            self._published = publication
 
     def retract(self) -> None:
         """Stop serving.  Returns once no copy out of the tensors is in
         progress; chunk requests still in flight get 503 instead of data."""
         with self._lock:
-            previous, self._published = self._published, None
-        if previous is not None:
-            previous.abandon()
+            self._published = None
 
     # -- copying out ----------------------------------------------------------------
 
@@ -342,20 +323,6 @@ class StateServer:
                 source = publication.sources[segment][offset : offset + length]
                 target[at : at + length].copy_(source)
         return True
-
-    def _checksum_stride(
-        self, publication: _Publication, first: int, stride: int
-    ) -> list[int] | None:
-        """Checksums of chunks ``first``, ``first + stride``, ...; None once retracted."""
-        layout = publication.layout
-        scratch = bytearray(layout.chunk_bytes)
-        checksums = []
-        for index in range(first, layout.num_chunks, stride):
-            if not self._copy_chunk(publication, index, scratch):
-                return None
-            start, end = layout.chunk_span(index)
-            checksums.append(zlib.crc32(memoryview(scratch)[: end - start]))
-        return checksums
 
     # -- HTTP ------------------------------------------------------------------------
 
@@ -388,17 +355,9 @@ class StateServer:
         return step, published
 
     async def _handle_manifest(self, request: web.Request) -> web.Response:
-        step, publication = self._accept(request)
+        _, publication = self._accept(request)
         if publication.manifest is None:
-            strides = publication.checksum_strides
-            await asyncio.wait([asyncio.wrap_future(stride) for stride in strides])
-            parts = [None if s.cancelled() else s.result() for s in strides]
-            checksums = [0] * publication.layout.num_chunks
-            for first, part in enumerate(parts):
-                if part is None:
-                    raise self._refusal(step)
-                checksums[first :: len(parts)] = part
-            publication.manifest = _encode_manifest(publication, checksums)
+            publication.manifest = _encode_manifest(publication)
         return web.Response(body=publication.manifest, content_type=CONTENT_TYPE)
 
     async def _handle_chunk(self, request: web.Request) -> web.StreamResponse:
@@ -416,10 +375,21 @@ class StateServer:
         # Zeroing and faulting in a fresh chunk-sized buffer per request costs
         # as much CPU as the copy itself, hence the pool.
         buffer = self._buffers.pop() if self._buffers else bytearray(self._chunk_bytes)
+
+        def copy_out() -> int | None:
+            """The chunk's checksum once it is in ``buffer``; None if retracted.
+            The lock covers only the copy: the checksum is of the copy."""
+            if not self._copy_chunk(publication, index, buffer):
+                return None
+            return zlib.crc32(memoryview(buffer)[:length])
+
         try:
-            if not await asyncio.to_thread(self._copy_chunk, publication, index, buffer):
+            checksum = await asyncio.to_thread(copy_out)
+            if checksum is None:
                 raise self._refusal(step)
-            response = web.StreamResponse(headers={"Content-Type": _OCTET_STREAM})
+            response = web.StreamResponse(
+                headers={"Content-Type": _OCTET_STREAM, CHECKSUM_HEADER: str(checksum)}
+            )
             response.content_length = length
             await response.prepare(request)
             view = memoryview(buffer)
@@ -459,7 +429,7 @@ def _path_int(request: web.Request, name: str) -> int:
     return _parse_int(request.match_info[name], f"path component {name!r}")
 
 
-def _encode_manifest(publication: _Publication, checksums: list[int]) -> bytes:
+def _encode_manifest(publication: _Publication) -> bytes:
     layout = publication.layout
     return pack(
         {
@@ -468,7 +438,6 @@ def _encode_manifest(publication: _Publication, checksums: list[int]) -> bytes:
             "total_bytes": layout.total,
             "num_chunks": layout.num_chunks,
             "checksum": CHECKSUM,
-            "checksums": checksums,
             "tensors": [
                 {
                     "name": spec.name,
@@ -555,7 +524,7 @@ def _match(donor: Sequence[_Spec], into: Mapping[str, torch.Tensor]) -> None:
 
 def _read_manifest(
     body: bytes, step: int, into: Destination
-) -> tuple[_Layout, list[int], Mapping[str, torch.Tensor]]:
+) -> tuple[_Layout, Mapping[str, torch.Tensor]]:
     """Check the manifest against ``into``; nothing has been written yet."""
     try:
         manifest = unpack(body)
@@ -578,20 +547,18 @@ def _read_manifest(
         into = into([(spec.name, spec.dtype, spec.shape) for spec, _ in donor])
     _match([spec for spec, _ in donor], into)
     layout = _Layout.build(step, [spec for spec, _ in donor], chunk_bytes)
-    checksums = _int_list(manifest, "checksums")
     claimed = (
         [offset for _, offset in donor],
         _typed(manifest, "total_bytes", int),
         _typed(manifest, "num_chunks", int),
-        len(checksums),
     )
-    if claimed != (list(layout.starts[1:]), layout.total, layout.num_chunks, layout.num_chunks):
+    if claimed != (list(layout.starts[1:]), layout.total, layout.num_chunks):
         raise HealError(
             "donor's manifest does not describe the stream its tensors imply "
             "(offsets, total size or chunk count differ)",
             "protocol",
         )
-    return layout, checksums, into
+    return layout, into
 
 
 async def _read_body(response: aiohttp.ClientResponse, limit: int, address: str) -> bytes:
@@ -621,6 +588,20 @@ async def _in_thread(function: Callable[[], T]) -> T:
         raise
 
 
+def _checksum_header(response: aiohttp.ClientResponse, index: int, address: str) -> int:
+    """The checksum the donor sent with chunk ``index``: a crc32, 0 .. 2**32 - 1."""
+    text = response.headers.get(CHECKSUM_HEADER)
+    if text is None or not (
+        text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 1 << 32
+    ):
+        raise HealError(
+            f"donor {address} sent chunk {index} without a valid {CHECKSUM_HEADER} "
+            f"header (got {text!r})",
+            "protocol",
+        )
+    return int(text)
+
+
 class _Fetch:
     """One fetch_state call: where from, what into, and how many refetches."""
 
@@ -641,17 +622,17 @@ class _Fetch:
         self.headers = {} if token is None else {TOKEN_HEADER: f"Bearer {token}"}
         self.refetches = 0
 
-    async def manifest(self) -> tuple[_Layout, list[int]]:
+    async def manifest(self) -> _Layout:
         async with self.session.get(
             f"{self.base}/v1/heal/manifest", params={"step": self.step}, headers=self.headers
         ) as response:
             if response.status != 200:
                 raise await _refused(response, "the manifest", self.address)
             body = await _read_body(response, MAX_MESSAGE_BYTES, self.address)
-        layout, checksums, self.into = _read_manifest(body, self.step, self.destination)
-        return layout, checksums
+        layout, self.into = _read_manifest(body, self.step, self.destination)
+        return layout
 
-    async def chunks(self, layout: _Layout, checksums: list[int], parallel: int) -> None:
+    async def chunks(self, layout: _Layout, parallel: int) -> None:
         targets = [None, *(_bytes_of(self.into[spec.name]) for spec in layout.specs)]
         indices = iter(range(layout.num_chunks))
 
@@ -666,11 +647,9 @@ class _Fetch:
                     with attempt:
                         if attempt.retry_state.attempt_number > 1:
                             self.refetches += 1
-                        await self.chunk(layout, index, buffer)
+                        checksum = await self.chunk(layout, index, buffer)
                         await _in_thread(
-                            functools.partial(
-                                self.land, layout, index, buffer, checksums[index], targets
-                            )
+                            functools.partial(self.land, layout, index, buffer, checksum, targets)
                         )
 
         workers = [asyncio.ensure_future(worker()) for _ in range(min(parallel, layout.num_chunks))]
@@ -681,8 +660,9 @@ class _Fetch:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def chunk(self, layout: _Layout, index: int, buffer: bytearray) -> None:
-        """Read chunk ``index`` into the front of ``buffer``."""
+    async def chunk(self, layout: _Layout, index: int, buffer: bytearray) -> int:
+        """Read chunk ``index`` into the front of ``buffer``; returns the
+        checksum the donor sent with it."""
         start, end = layout.chunk_span(index)
         expected = end - start
         async with self.session.get(
@@ -699,6 +679,7 @@ class _Fetch:
                     f"{response.content_length}, expected {expected}",
                     "protocol",
                 )
+            checksum = _checksum_header(response, index, self.address)
             view = memoryview(buffer)
             received = 0
             # iter_chunks hands over each received block as is; iter_any would
@@ -712,6 +693,7 @@ class _Fetch:
                 f"donor {self.address} ended chunk {index} after {received} of {expected} bytes",
                 "donor_gone",
             )
+        return checksum
 
     def land(
         self,
@@ -721,7 +703,8 @@ class _Fetch:
         checksum: int,
         targets: Sequence[torch.Tensor | None],
     ) -> None:
-        """Verify a received chunk, then copy it into the destination tensors."""
+        """Verify a received chunk against the checksum the donor sent with
+        it, then copy it into the destination tensors."""
         start, end = layout.chunk_span(index)
         if zlib.crc32(memoryview(buffer)[: end - start]) != checksum:
             raise _ChecksumMismatch(
@@ -757,9 +740,10 @@ async def fetch_state(
     donor's tensor names, dtypes and shapes must equal ``into``'s (whose
     tensors must be contiguous); otherwise HealError names the first
     difference before anything is written.  Chunks are fetched over
-    ``parallel`` connections, checked against the manifest's checksums
-    (a damaged chunk is fetched again, a few times), and copied straight into
-    ``into``'s memory, so the extra memory is about ``parallel`` chunks.
+    ``parallel`` connections, checked against the checksum the donor sends
+    with each (a damaged chunk is fetched again, a few times), and copied
+    straight into ``into``'s memory, so the extra memory is about
+    ``parallel`` chunks.
 
     Contract: on HealError (``code``: ``step_mismatch``, ``not_ready``,
     ``unauthorized``, ``layout_mismatch``, ``checksum``, ``donor_gone``,
@@ -806,8 +790,8 @@ async def fetch_state(
 
 async def _run(fetch: _Fetch, parallel: int) -> int:
     try:
-        layout, checksums = await fetch.manifest()
-        await fetch.chunks(layout, checksums, parallel)
+        layout = await fetch.manifest()
+        await fetch.chunks(layout, parallel)
     except (aiohttp.ClientError, OSError) as e:
         raise HealError(
             f"donor {fetch.address} went away: {type(e).__name__}: {e}", "donor_gone"

@@ -2,8 +2,8 @@
 
 Faults are injected by a relay app between receiver and donor, so the
 transport is exercised only through its HTTP surface: the relay can damage a
-chunk's bytes, cut a response off half way, or run a hook (e.g. retract) once
-a chunk has been relayed.
+chunk's bytes or its checksum header, cut a response off half way, or run a
+hook (e.g. retract) once a chunk has been relayed.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import json
 import socket
 import struct
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +25,13 @@ import structlog.testing
 import torch
 from aiohttp import web
 
-from ftdiloco.transport import HealError, StateServer, fetch_state, fetch_state_blocking
+from ftdiloco.transport import (
+    CHECKSUM_HEADER,
+    HealError,
+    StateServer,
+    fetch_state,
+    fetch_state_blocking,
+)
 from lighthouse.protocol import pack, unpack
 
 STEP = 7
@@ -64,6 +71,8 @@ class Relay:
     session: aiohttp.ClientSession
     # chunk index -> how many of its responses to damage
     damage: dict[int, int] = field(default_factory=dict)
+    # maps the donor's checksum header to the one sent on (None: no header)
+    forge_checksum: Callable[[str | None], str | None] | None = None
     # chunks at or after this index die half way through the body
     die_from: int | None = None
     # called with the chunk index after a chunk has been relayed
@@ -85,12 +94,16 @@ class Relay:
         ) as upstream:
             body = bytearray(await upstream.read())
             status, content_type = upstream.status, upstream.content_type
+            checksum = upstream.headers.get(CHECKSUM_HEADER)
+        if index is not None and status == 200 and self.forge_checksum is not None:
+            checksum = self.forge_checksum(checksum)
+        forwarded = {} if checksum is None else {CHECKSUM_HEADER: checksum}
         if index is not None and status == 200:
             if self.damage.get(index, 0) > 0:
                 self.damage[index] -= 1
                 body[len(body) // 2] ^= 0x01
             if self.die_from is not None and index >= self.die_from:
-                response = web.StreamResponse()
+                response = web.StreamResponse(headers=forwarded)
                 response.content_length = len(body)
                 await response.prepare(request)
                 await response.write(body[: len(body) // 2])
@@ -99,7 +112,9 @@ class Relay:
                 return response
             if self.after_chunk is not None:
                 self.after_chunk(index)
-        return web.Response(status=status, body=bytes(body), content_type=content_type)
+        return web.Response(
+            status=status, body=bytes(body), content_type=content_type, headers=forwarded
+        )
 
 
 @pytest.fixture
@@ -142,11 +157,32 @@ async def relay(donor: tuple[StateServer, str]) -> AsyncIterator[tuple[Relay, st
 
 
 async def get(address: str, path: str, **headers: str) -> tuple[int, bytes]:
+    status, body, _ = await get_with_headers(address, path, **headers)
+    return status, body
+
+
+async def get_with_headers(
+    address: str, path: str, **headers: str
+) -> tuple[int, bytes, dict[str, str]]:
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://{address}{path}", headers=headers) as response,
     ):
-        return response.status, await response.read()
+        return response.status, await response.read(), dict(response.headers)
+
+
+@pytest.fixture
+def copies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The index of every chunk StateServer copies out of its tensors, in order."""
+    indices: list[int] = []
+    copy_chunk = StateServer._copy_chunk
+
+    def spy(self: StateServer, publication: Any, index: int, out: bytearray) -> bool:
+        indices.append(index)
+        return copy_chunk(self, publication, index, out)
+
+    monkeypatch.setattr(StateServer, "_copy_chunk", spy)
+    yield indices
 
 
 # -- happy paths ---------------------------------------------------------------------
@@ -202,11 +238,14 @@ async def test_chunks_concatenate_to_a_safetensors_file(
     assert status == 200
     manifest = unpack(body)
     assert manifest["step"] == STEP and manifest["chunk_bytes"] == CHUNK
+    assert manifest["checksum"] == "crc32" and "checksums" not in manifest
     assert [t["name"] for t in manifest["tensors"]] == list(state)
     chunks = []
-    for index, checksum in enumerate(manifest["checksums"]):
-        status, chunk = await get(address, f"/v1/heal/chunk/{index}?step={STEP}")
-        assert status == 200 and zlib.crc32(chunk) == checksum
+    for index in range(manifest["num_chunks"]):
+        status, chunk, headers = await get_with_headers(
+            address, f"/v1/heal/chunk/{index}?step={STEP}"
+        )
+        assert status == 200 and int(headers[CHECKSUM_HEADER]) == zlib.crc32(chunk)
         chunks.append(chunk)
     stream = b"".join(chunks)
     assert len(stream) == manifest["total_bytes"]
@@ -389,6 +428,36 @@ async def test_chunk_damaged_every_time_fails(
     assert faults.requests[3] == 3
 
 
+async def test_damaged_checksum_header_is_fetched_again(
+    relay: tuple[Relay, str], state: dict[str, torch.Tensor]
+) -> None:
+    """The header is checked like the body: a wrong but well-formed one is a mismatch."""
+    faults, address = relay
+    forgeries = iter(range(2))
+
+    def forge(checksum: str | None) -> str | None:
+        assert checksum is not None
+        return checksum if next(forgeries, None) is None else str(int(checksum) ^ 1)
+
+    faults.forge_checksum = forge
+    into = blank_like(state)
+    await fetch_state(address, STEP, into, parallel=1)
+    assert_identical(into, state)
+    assert faults.requests[0] == 3 and faults.requests[1] == 1
+
+
+@pytest.mark.parametrize("header", [None, "", "abc", "-1", "0x1f", str(1 << 32), "1" * 11])
+async def test_missing_or_garbled_checksum_header_is_a_protocol_error(
+    relay: tuple[Relay, str], state: dict[str, torch.Tensor], header: str | None
+) -> None:
+    faults, address = relay
+    faults.forge_checksum = lambda checksum: header
+    with pytest.raises(HealError, match=f"chunk 0 .*{CHECKSUM_HEADER}") as e:
+        await fetch_state(address, STEP, blank_like(state), parallel=1)
+    assert e.value.code == "protocol"
+    assert faults.requests == {0: 1}
+
+
 async def test_donor_dying_mid_transfer(
     relay: tuple[Relay, str], state: dict[str, torch.Tensor]
 ) -> None:
@@ -471,6 +540,38 @@ async def test_receiver_leaving_mid_chunk_does_not_disturb_the_donor() -> None:
 
 
 # -- publish -------------------------------------------------------------------------
+
+
+async def test_publish_copies_nothing_until_a_chunk_is_asked_for(
+    state: dict[str, torch.Tensor], copies: list[int]
+) -> None:
+    """Publishing happens every outer step and heals are rare: neither publish,
+    retract nor the manifest may read the state; each chunk request reads its chunk."""
+    server = StateServer(chunk_bytes=CHUNK)
+    for step in range(3):
+        server.publish(step, state)
+        server.retract()
+    server.publish(STEP, state)
+    await asyncio.sleep(0.1)  # anything started in the background would have run by now
+    assert copies == []
+
+    app = web.Application()
+    server.add_routes(app)
+    runner, address = await serve(app)
+    try:
+        status, body = await get(address, f"/v1/heal/manifest?step={STEP}")
+        assert status == 200 and copies == []
+        status, _ = await get(address, f"/v1/heal/chunk/3?step={STEP}")
+        assert status == 200 and copies == [3]
+        into = blank_like(state)
+        await fetch_state(address, STEP, into, parallel=1)
+        assert_identical(into, state)
+        assert copies == [3, *range(unpack(body)["num_chunks"])]
+        server.retract()
+        status, _ = await get(address, f"/v1/heal/chunk/0?step={STEP}")
+        assert status == 503 and len(copies) == 1 + unpack(body)["num_chunks"]
+    finally:
+        await runner.cleanup()
 
 
 def test_publish_rejects_what_safetensors_cannot_carry() -> None:
