@@ -1,0 +1,266 @@
+"""The ``ftdiloco`` command: launch a job on this machine, and look at a running one.
+
+``ftdiloco launch``     a lighthouse and N replica groups, optionally killed at random
+``ftdiloco status``     the current quorum and its members, from a lighthouse's /status
+``ftdiloco lighthouse`` the lighthouse of a batch job: stops once every group is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lighthouse import logs
+
+EXIT_UNREACHABLE = 2
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    return int(_positive(int)(text))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftdiloco", description="Fault-tolerant DiLoCo: launch and operate jobs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    launch = commands.add_parser(
+        "launch",
+        help="run a lighthouse and N replica groups on this machine",
+        description="Run a lighthouse and N replica groups (each a torchrun of SCRIPT) on this "
+        "machine, stream their output, and stop them all at the end, on failure or on Ctrl-C. "
+        "Arguments after `--` go to the script.",
+        usage="ftdiloco launch [options] [-- SCRIPT_ARGS...]",
+    )
+    add = launch.add_argument
+    add("--groups", type=_count, default=3, help="replica groups (default 3)")
+    add(
+        "--nproc-per-node",
+        type=_count,
+        default=1,
+        metavar="K",
+        help="ranks per group, torchrun's --nproc_per_node (default 1)",
+    )
+    add(
+        "--min-replicas",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="groups needed for a quorum and a commit (default 2; at most --groups)",
+    )
+    add(
+        "--kill-every",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="SIGKILL a random group this often and start it again, to watch it heal",
+    )
+    add(
+        "--duration",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="stop the whole job after this long (success if nothing failed before)",
+    )
+    add(
+        "--outer-steps",
+        type=_count,
+        metavar="N",
+        help="passed to the script as --outer-steps N",
+    )
+    add(
+        "--script",
+        default="examples/train_diloco.py",
+        help="training script run by torchrun in every group (default %(default)s)",
+    )
+    add(
+        "--timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="FTDILOCO_TIMEOUT for the groups; short suits a local demo (default 10)",
+    )
+    add("--seed", type=int, help="seed for picking which group to kill")
+    add("-v", "--verbose", action="store_true", help="show the library's info logs too")
+    add(
+        "--status-line",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="live one-line status at the bottom (auto: when stdout is a terminal)",
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="the current quorum and its members",
+        description="Show a lighthouse's current quorum and members. Exits 2 if it cannot "
+        "be reached.",
+    )
+    status.add_argument(
+        "--lighthouse",
+        required=True,
+        metavar="URL",
+        help="lighthouse address, http://host:port or host:port (comma-separated for several)",
+    )
+    status.add_argument("--json", action="store_true", help="print /status as raw JSON")
+    status.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=3.0,
+        metavar="SECONDS",
+        help="give up after this long (default 3)",
+    )
+
+    serve = commands.add_parser(
+        "lighthouse",
+        help="run the lighthouse for a batch job; it stops when every group is done",
+        description="Run the lighthouse daemon until all GROUPS replica groups have "
+        "connected and then left (no group connected for --idle-exit seconds), so that a "
+        "batch job with a lighthouse role finishes. Arguments after `--` go to `lighthouse`.",
+        usage="ftdiloco lighthouse --groups N [--idle-exit S] [-- LIGHTHOUSE_ARGS...]",
+    )
+    serve.add_argument("--groups", type=_count, required=True, help="groups in the job")
+    serve.add_argument(
+        "--idle-exit",
+        type=_positive(float),
+        default=30.0,
+        metavar="SECONDS",
+        help="how long no group may be connected before the job counts as done (default 30); "
+        "longer than a group takes to restart",
+    )
+    return parser
+
+
+def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our arguments, and those after the first ``--`` (for the script or daemon)."""
+    args = list(argv)
+    if "--" in args:
+        cut = args.index("--")
+        return args[:cut], args[cut + 1 :]
+    return args, []
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ours, rest = _split(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(ours)
+    if rest and args.command == "status":
+        parser.error("status takes no arguments after --")
+    if args.command == "launch":
+        sys.exit(_launch(parser, args, rest))
+    if args.command == "status":
+        # The client's retry warnings would bury the one line that matters.
+        logs.configure("auto", level=logging.ERROR)
+        sys.exit(status(args.lighthouse, as_json=args.json, timeout=args.timeout))
+    from ftdiloco.launch import serve_lighthouse
+
+    sys.exit(serve_lighthouse(rest, args.groups, args.idle_exit))
+
+
+def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    from ftdiloco.launch import LaunchOptions, launch
+
+    try:
+        options = LaunchOptions(
+            groups=args.groups,
+            nproc_per_node=args.nproc_per_node,
+            min_replicas=args.min_replicas,
+            kill_every=args.kill_every,
+            duration=args.duration,
+            outer_steps=args.outer_steps,
+            script=args.script,
+            script_args=tuple(rest),
+            timeout=args.timeout,
+            verbose=args.verbose,
+            seed=args.seed,
+            status_line={"auto": None, "on": True, "off": False}[args.status_line],
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return launch(options)
+
+
+# -- status -------------------------------------------------------------------------------
+
+
+def status(address: str, *, as_json: bool = False, timeout: float = 3.0) -> int:
+    """Print the lighthouse's /status as a table (or JSON); 2 if it cannot be reached."""
+    from lighthouse.client import LighthouseClient, LighthouseError
+
+    try:
+        with LighthouseClient(address, connect_timeout=timeout, retry_deadline=timeout) as client:
+            doc = client.status()
+    except (LighthouseError, ValueError) as e:
+        print(f"ftdiloco status: cannot read the lighthouse's status: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(format_status(doc, address))
+    return 0
+
+
+def format_status(doc: dict[str, Any], address: str) -> str:
+    """The /status document as a few lines and a table, for a terminal."""
+    lines = [f"lighthouse {address}"]
+    prev = doc.get("previous_quorum")
+    if prev is None:
+        lines.append("quorum: none formed yet")
+    else:
+        members = [str(m.get("replica_id")) for m in prev.get("members", [])]
+        number = int(prev["quorum_id"]) - int(doc.get("epoch", 0))
+        lines.append(
+            f"quorum {prev['quorum_id']} (#{number} since the lighthouse started), "
+            f"{len(members)} members: {', '.join(members) or '-'}"
+        )
+    joiners = doc.get("joiners", [])
+    if joiners:
+        waiting = ", ".join(str(j.get("replica_id")) for j in joiners)
+        lines.append(f"waiting to join the next quorum: {waiting}")
+    if doc.get("reason"):
+        lines.append(f"reason: {doc['reason']}")
+    header = ("REPLICA", "STEP", "ADDRESS", "HEARTBEAT", "CONNECTED", "IN QUORUM", "RECOVERING")
+    rows = [header]
+    for r in doc.get("replicas", []):
+        age = r.get("heartbeat_age_s")
+        rows.append(
+            (
+                str(r.get("replica_id")),
+                "-" if r.get("step") is None else str(r["step"]),
+                str(r.get("address") or "-"),
+                "-" if age is None else f"{age:.1f}s ago",
+                _yes(r.get("connected")),
+                _yes(r.get("in_quorum")),
+                _yes(r.get("recovering")),
+            )
+        )
+    if len(rows) == 1:
+        lines.append("no replicas known")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _yes(value: object) -> str:
+    return "yes" if value else "no"
+
+
+if __name__ == "__main__":
+    main()

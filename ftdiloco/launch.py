@@ -1,0 +1,840 @@
+"""Run a whole job on this machine, and break it on purpose.
+
+:func:`launch` starts a lighthouse and ``groups`` replica groups (each a
+``torchrun`` of the training script), streams their output with a
+``[name]`` prefix, and keeps a one-line status at the bottom of a terminal.
+With ``kill_every`` it SIGKILLs a random group every so many seconds and
+starts it again under the same ``REPLICA_GROUP_ID``, so a user can watch the
+survivors carry on and the restarted group heal.  At the end it prints what
+happened: outer steps committed and rolled back per group, failures
+survived, how long each recovery took, and the final loss.
+
+Every child is started in a session of its own (``start_new_session``), so
+no terminal signal reaches it behind the launcher's back.  A kill or a stop
+reaches the child, its process group and every process below it (torchrun
+puts each worker in a session of its own) by PID; nothing else is touched.
+
+:func:`serve_lighthouse` is the lighthouse for a batch scheduler (the torchx
+component's lighthouse role): the plain daemon runs until it is stopped, so
+a job with a lighthouse role would never finish; this one stops it once
+every group has connected and then left.
+
+This module is for people at a terminal: it prints.  The library's own
+structured logs stay in the children, and are shown compactly here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import aiohttp
+
+from lighthouse.client import LighthouseClient, LighthouseError
+
+__all__ = [
+    "LaunchOptions",
+    "launch",
+    "parse_done_line",
+    "parse_step_line",
+    "serve_lighthouse",
+]
+
+# The lines the example script prints; any script that prints them gets a summary.
+#   outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | committed
+#   done | 20 outer steps committed, 1 rolled back | ... | final loss 2.101
+_STEP = re.compile(
+    r"outer step (?P<step>\d+) \| loss (?P<loss>\S+) \|.*\| (?P<outcome>committed|rolled back)"
+    r"(?P<healed> \| healed)?"
+)
+_DONE = re.compile(r"^done \|.*final loss (?P<loss>\S+)")
+_LISTENING = "lighthouse listening on "
+
+# A stopped child gets this long to exit after SIGTERM before its process
+# group is SIGKILLed.
+STOP_GRACE_S = 5.0
+STATUS_POLL_S = 1.0
+# How long to wait between checks when a kill is due but no group is a fair victim.
+_KILL_RETRY_S = 0.5
+
+
+@dataclass(frozen=True)
+class StepLine:
+    step: int
+    loss: float
+    committed: bool
+    healed: bool
+
+
+def parse_step_line(line: str) -> StepLine | None:
+    """The outer-step line of the training script, or None for any other line."""
+    m = _STEP.search(line)
+    if m is None:
+        return None
+    return StepLine(
+        step=int(m["step"]),
+        loss=_float(m["loss"]),
+        committed=m["outcome"] == "committed",
+        healed=m["healed"] is not None,
+    )
+
+
+def parse_done_line(line: str) -> float | None:
+    """The final loss from the script's ``done | ...`` line, or None for any other line."""
+    m = _DONE.search(line.strip())
+    return None if m is None else _float(m["loss"])
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    groups: int = 3
+    nproc_per_node: int = 1
+    min_replicas: int = 2
+    kill_every: float | None = None
+    duration: float | None = None
+    outer_steps: int | None = None
+    script: str = "examples/train_diloco.py"
+    script_args: tuple[str, ...] = ()
+    # FTDILOCO_TIMEOUT for the groups; the lighthouse waits half of it for stragglers.
+    timeout: float = 10.0
+    verbose: bool = False
+    seed: int | None = None
+    # None: a live status line only when stdout is a terminal.
+    status_line: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.nproc_per_node < 1 or self.min_replicas < 1:
+            raise ValueError("groups, nproc_per_node and min_replicas must be >= 1")
+        if self.min_replicas > self.groups:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} is more than groups={self.groups}: "
+                "no outer step could commit"
+            )
+        for name in ("kill_every", "duration", "timeout"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if self.outer_steps is not None and self.outer_steps < 1:
+            raise ValueError(f"outer_steps must be >= 1, got {self.outer_steps}")
+
+    def target_steps(self) -> int | None:
+        """The outer steps the script will run, if the launcher can tell."""
+        if self.outer_steps is not None:
+            return self.outer_steps
+        args = list(self.script_args)
+        found: int | None = None
+        for i, arg in enumerate(args):
+            value = None
+            if arg == "--outer-steps" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--outer-steps="):
+                value = arg.partition("=")[2]
+            if value is not None and value.isdigit():
+                found = int(value)  # argparse keeps the last one; so do we
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the children -----------------------------------------------------------------------
+
+
+# -- process trees -------------------------------------------------------------------
+#
+# torchrun starts every worker in a session of its own, so the process group
+# of a torchrun does not hold its workers: killing that group orphans them and
+# they train on.  The launcher therefore finds a child's whole tree (Linux
+# /proc; elsewhere only the process group is reached) and signals every
+# process in it by PID, checking each PID's start time so that a PID reused
+# since the walk is never hit.
+
+ProcessId = tuple[int, int]  # (pid, start time in clock ticks since boot)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a live, non-zombie process; None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = text[text.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def process_tree(root: int) -> list[ProcessId]:
+    """``root`` and every descendant alive now, parents first."""
+    me = _stat(root)
+    if me is None:
+        return []
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = _stat(int(entry))
+                if stat is not None:
+                    children.setdefault(stat[0], []).append(int(entry))
+    tree, todo = [(root, me[1])], [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            stat = _stat(pid)
+            if stat is not None:
+                tree.append((pid, stat[1]))
+                todo.append(pid)
+    return tree
+
+
+def alive(process: ProcessId) -> bool:
+    stat = _stat(process[0])
+    return stat is not None and stat[1] == process[1]
+
+
+def signal_processes(processes: Sequence[ProcessId], sig: signal.Signals) -> None:
+    for process in processes:
+        if alive(process):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process[0], sig)
+
+
+class Child:
+    """One process we started, in a session of its own (its process group id is its pid)."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+        self.pid = proc.pid
+        stat = _stat(proc.pid)
+        # Who this pid is: once it is gone and reaped, the number may be reused.
+        self.identity: ProcessId | None = None if stat is None else (proc.pid, stat[1])
+        self.started = time.monotonic()
+        self.killed = False  # by the launcher, on purpose: restart, don't fail
+        self.stopping = False  # by the launcher, at the end
+        self.watcher: asyncio.Task[None] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL this process, its process group and every descendant, at once."""
+        if self.identity is not None and alive(self.identity):
+            # Frozen, it cannot start a worker while we look for its workers.
+            signal_processes([self.identity], signal.SIGSTOP)
+            signal_processes(process_tree(self.pid)[1:], signal.SIGKILL)
+            signal_processes([self.identity], signal.SIGKILL)
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    async def stop(self) -> int:
+        """SIGTERM, a grace period to exit, then SIGKILL for whatever is left of the tree."""
+        self.stopping = True
+        # Walked before it exits: afterwards its orphans are no longer below it.
+        tree = process_tree(self.pid) if self.identity and alive(self.identity) else []
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), STOP_GRACE_S)
+        self.kill()  # what is still below it, if it is still there
+        signal_processes(tree, signal.SIGKILL)  # what it left behind
+        return await self.proc.wait()
+
+
+@dataclass
+class Kill:
+    group: int
+    at: float  # monotonic
+    step: int | None  # the group's last committed step when it was killed
+    recovered_after: float | None = None
+    back_at_step: int | None = None
+    healed: bool = False
+
+
+@dataclass
+class Group:
+    index: int
+    child: Child | None = None
+    starts: int = 0
+    committed: int = 0
+    rolled_back: int = 0
+    step: int | None = None  # last step reported
+    loss: float = math.nan
+    finished: bool = False
+    lines_since_start: int = 0  # outer-step lines from the current process
+    first_step_after: float | None = None  # seconds from its first start to its first step line
+    step_times: list[float] = field(default_factory=list)
+    pending_kill: Kill | None = None
+
+    @property
+    def name(self) -> str:
+        return f"group{self.index}"
+
+    def step_interval(self) -> float | None:
+        """Recent seconds per outer step, from this group's own lines."""
+        times = self.step_times[-6:]
+        if len(times) < 2:
+            return None
+        return (times[-1] - times[0]) / (len(times) - 1)
+
+
+class _Output:
+    """Prefixed lines above a live status line (only on a terminal)."""
+
+    def __init__(self, stream: TextIO, live: bool) -> None:
+        self.stream = stream
+        self.live = live
+        self.status = ""
+
+    def line(self, prefix: str, text: str) -> None:
+        self._clear()
+        self.stream.write(f"[{prefix}] {text}\n")
+        self._draw()
+
+    def plain(self, text: str) -> None:
+        self._clear()
+        self.stream.write(text + "\n")
+        self._draw()
+
+    def set_status(self, text: str) -> None:
+        if not self.live:
+            return
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.status = text[:width]
+        self._clear()
+        self._draw()
+
+    def finish(self) -> None:
+        self._clear()
+        self.status = ""
+        self.stream.flush()
+
+    def _clear(self) -> None:
+        if self.live and self.status:
+            self.stream.write("\r\x1b[K")
+
+    def _draw(self) -> None:
+        if self.live and self.status:
+            self.stream.write(self.status)
+        self.stream.flush()
+
+
+def compact_log(line: str, verbose: bool) -> str | None:
+    """A library JSON log line, shortened; None to hide it; other lines unchanged."""
+    text = line.rstrip("\n")
+    if not text.startswith("{"):
+        return text
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(record, dict) or "event" not in record:
+        return text
+    level = str(record.pop("level", "info"))
+    if not verbose and level not in ("warning", "error", "critical", "exception"):
+        return None
+    event = record.pop("event")
+    record.pop("timestamp", None)
+    fields = " ".join(f"{k}={v}" for k, v in record.items())
+    return f"{level}: {event}" + (f" | {fields}" if fields else "")
+
+
+# -- the launcher -------------------------------------------------------------------
+
+
+class _Launcher:
+    def __init__(self, options: LaunchOptions, out: TextIO) -> None:
+        self.options = options
+        live = out.isatty() if options.status_line is None else options.status_line
+        self.out = _Output(out, live)
+        self.rng = random.Random(options.seed)
+        self.groups = [Group(i) for i in range(options.groups)]
+        self.lighthouse: Child | None = None
+        self.url = ""
+        self.env: dict[str, str] = {}
+        self.lighthouse_args: list[str] = []
+        self.kills: list[Kill] = []
+        self.status: dict[str, Any] | None = None
+        self.started = time.monotonic()
+        self.done = asyncio.Event()
+        self.failure: str | None = None
+        self.interrupted = False
+        self.duration_reached = False
+        self.shutting_down = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self._prepare_env()
+            await self._start_lighthouse()
+            if self.failure is None:
+                for group in self.groups:
+                    await self._start_group(group)
+                self.tasks.append(asyncio.create_task(self._poll_status()))
+                if self.options.kill_every is not None:
+                    self.tasks.append(asyncio.create_task(self._chaos(self.options.kill_every)))
+                if self.options.duration is not None:
+                    self.tasks.append(asyncio.create_task(self._deadline(self.options.duration)))
+                await self.done.wait()
+        finally:
+            self.shutting_down = True
+            for task in self.tasks:
+                task.cancel()
+            await self._stop_all()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            self.out.finish()
+        self._summary()
+        if self.interrupted:
+            return 130
+        return 1 if self.failure is not None else 0
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self.interrupted:
+            self.interrupted = True
+            self._say(f"{sig.name}: stopping every process this launcher started")
+        self.done.set()
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None and not self.shutting_down:
+            self.failure = reason
+            self._say(f"job failed: {reason}")
+        self.done.set()
+
+    def _say(self, text: str) -> None:
+        self.out.line("launcher", text)
+
+    def _prepare_env(self) -> None:
+        o = self.options
+        env = dict(os.environ)
+        env["FTDILOCO_TIMEOUT"] = f"{o.timeout:g}"
+        env["FTDILOCO_MIN_REPLICAS"] = str(o.min_replicas)
+        env["NUM_REPLICA_GROUPS"] = str(o.groups)
+        env.setdefault("FTDILOCO_HOST", "127.0.0.1")
+        # One CPU thread per process or so: more only fight over the cores.
+        env.setdefault(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (o.groups * o.nproc_per_node)))
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        # A fresh token unless the user brought one: nothing else on this
+        # machine can join or kill our groups.
+        token_file = env.get("FTDILOCO_TOKEN_FILE", "").strip()
+        if token_file:
+            self.lighthouse_args += ["--token-file", token_file]
+        elif not env.get("FTDILOCO_TOKEN", "").strip():
+            env["FTDILOCO_TOKEN"] = secrets.token_hex(16)
+        self.env = env
+
+    async def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            limit=1 << 20,  # a JSON log line with a traceback can be long
+        )
+        child = Child(name, proc)
+        self._say(f"started {name}: pid {child.pid} (process group {child.pid})")
+        return child
+
+    async def _start_lighthouse(self) -> None:
+        o = self.options
+        argv = [
+            sys.executable,
+            "-m",
+            "lighthouse.cli",
+            "--bind",
+            "127.0.0.1:0",
+            "--min-replicas",
+            str(o.min_replicas),
+            "--join-timeout-ms",
+            str(int(o.timeout * 500)),
+            "--log-format",
+            "json",
+            *self.lighthouse_args,
+        ]
+        child = await self._spawn("lighthouse", argv, self.env)
+        self.lighthouse = child
+        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        child.watcher = asyncio.create_task(self._watch_lighthouse(child, listening))
+        try:
+            self.url = await asyncio.wait_for(asyncio.shield(listening), 30)
+        except (asyncio.TimeoutError, RuntimeError) as e:
+            self._fail(f"the lighthouse did not start: {e or 'no URL in 30s'}")
+            return
+        self.env["FTDILOCO_LIGHTHOUSE"] = self.url
+        self._say(f"lighthouse at {self.url} (try: ftdiloco status --lighthouse {self.url})")
+
+    async def _watch_lighthouse(self, child: Child, listening: asyncio.Future[str]) -> None:
+        assert child.proc.stdout is not None
+        async for raw in child.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith(_LISTENING) and not listening.done():
+                listening.set_result(line[len(_LISTENING) :].strip())
+            self._show(child, line)
+        code = await child.proc.wait()
+        if not listening.done():
+            listening.set_exception(RuntimeError(f"it exited ({code})"))
+        if not child.stopping:
+            self._fail(f"the lighthouse exited ({code})")
+
+    async def _start_group(self, group: Group) -> None:
+        o = self.options
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={o.nproc_per_node}",
+            f"--master_port={free_port()}",
+            o.script,
+            *o.script_args,
+        ]
+        if o.outer_steps is not None:
+            argv += ["--outer-steps", str(o.outer_steps)]
+        env = {**self.env, "REPLICA_GROUP_ID": str(group.index)}
+        group.starts += 1
+        group.lines_since_start = 0
+        child = await self._spawn(group.name, argv, env)
+        group.child = child
+        if self.shutting_down:  # a restart that raced with the end
+            await child.stop()
+            return
+        child.watcher = asyncio.create_task(self._watch_group(group, child))
+
+    async def _watch_group(self, group: Group, child: Child) -> None:
+        assert child.proc.stdout is not None
+        async for raw in child.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._on_group_line(group, child, line)
+            self._show(child, line)
+        code = await child.proc.wait()
+        if child.stopping or self.shutting_down:
+            return
+        if child.killed:
+            self._say(f"{group.name} is gone (exit {code}); starting it again")
+            await self._start_group(group)
+        elif code == 0:
+            group.finished = True
+            if all(g.finished for g in self.groups):
+                self.done.set()
+        else:
+            self._fail(f"{group.name} exited with code {code}")
+
+    def _on_group_line(self, group: Group, child: Child, line: str) -> None:
+        step = parse_step_line(line)
+        if step is not None:
+            now = time.monotonic()
+            group.lines_since_start += 1
+            group.step, group.loss = step.step, step.loss
+            group.step_times.append(now)
+            if group.first_step_after is None:
+                group.first_step_after = now - child.started
+            if step.committed:
+                group.committed += 1
+                kill = group.pending_kill
+                if kill is not None:
+                    kill.recovered_after = now - kill.at
+                    kill.back_at_step = step.step
+                    kill.healed = step.healed
+                    group.pending_kill = None
+                    how = ", healed from a peer" if step.healed else ""
+                    self._say(
+                        f"{group.name} recovered: committed step {step.step} "
+                        f"{kill.recovered_after:.1f}s after the kill{how}"
+                    )
+            else:
+                group.rolled_back += 1
+            self._refresh_status()
+            return
+        loss = parse_done_line(line)
+        if loss is not None:
+            group.loss = loss
+            group.finished = True
+
+    def _show(self, child: Child, line: str) -> None:
+        if child.stopping and not self.options.verbose:
+            return  # torchrun's traceback for the SIGTERM we sent it tells nobody anything
+        text = compact_log(line, self.options.verbose)
+        if text is not None:
+            self.out.line(child.name, text)
+
+    async def _stop_all(self) -> None:
+        children = [g.child for g in self.groups if g.child is not None]
+        await asyncio.gather(*(c.stop() for c in children))
+        if self.lighthouse is not None:
+            await self.lighthouse.stop()
+        watchers = [c.watcher for c in [*children, self.lighthouse] if c and c.watcher]
+        # The pipes are closed now that every process is gone: the watchers end.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 10)
+
+    # -- chaos ----------------------------------------------------------------------
+
+    async def _chaos(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            while True:
+                if any(g.finished for g in self.groups):
+                    self._say("a group has finished: no more kills")
+                    return
+                victim = self._pick_victim()
+                if victim is not None:
+                    break
+                await asyncio.sleep(_KILL_RETRY_S)
+            self._kill(victim)
+
+    def _pick_victim(self) -> Group | None:
+        """A running group, but only when the kill can be survived and healed in time."""
+        groups = self.groups
+        # One failure at a time: wait until the last victim is back.
+        if any(g.pending_kill is not None or g.child is None for g in groups):
+            return None
+        # Kill mid-training, not while a group is still starting.
+        if any(g.lines_since_start == 0 for g in groups):
+            return None
+        if not self._time_to_recover():
+            return None
+        return self.rng.choice(groups)
+
+    def _time_to_recover(self) -> bool:
+        """Is there time left for a restarted group to come back before the job ends?"""
+        restart = max((g.first_step_after or 0.0) for g in self.groups)
+        needed = 1.5 * restart
+        left: list[float] = []
+        if self.options.duration is not None:
+            left.append(self.options.duration - (time.monotonic() - self.started))
+        target = self.options.target_steps()
+        intervals = [i for g in self.groups if (i := g.step_interval()) is not None]
+        steps = [g.step for g in self.groups if g.step is not None]
+        if target is not None and intervals and steps:
+            left.append((target - max(steps)) * min(intervals))
+        return all(seconds > needed for seconds in left)
+
+    def _kill(self, group: Group) -> None:
+        child = group.child
+        assert child is not None
+        kill = Kill(group.index, time.monotonic(), group.step)
+        self.kills.append(kill)
+        group.pending_kill = kill
+        child.killed = True
+        self._say(
+            f"SIGKILL {group.name} (pid {child.pid} and all its workers) at outer step "
+            f"{group.step} -- failure {len(self.kills)}"
+        )
+        child.kill()
+
+    async def _deadline(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.duration_reached = True
+        self._say(f"--duration {seconds:g}s reached: stopping the job")
+        self.done.set()
+
+    # -- status -----------------------------------------------------------------------
+
+    async def _poll_status(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                try:
+                    async with http.get(f"{self.url}/status") as response:
+                        self.status = await response.json()
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    self.status = None
+                self._refresh_status()
+                await asyncio.sleep(STATUS_POLL_S)
+
+    def _refresh_status(self) -> None:
+        if self.out.live:
+            self.out.set_status(self.status_text())
+
+    def status_text(self) -> str:
+        parts: list[str] = []
+        status = self.status
+        prev = status.get("previous_quorum") if status else None
+        if status is None:
+            parts.append("lighthouse: no answer")
+        elif prev is None:
+            parts.append("quorum: forming")
+        else:
+            seq = int(prev["quorum_id"]) - int(status.get("epoch", 0))
+            members = ",".join(str(m.get("replica_id")) for m in prev.get("members", []))
+            parts.append(f"quorum #{seq} [{members}]")
+        steps = [g.step for g in self.groups if g.step is not None]
+        target = self.options.target_steps()
+        if steps:
+            parts.append(f"step {max(steps)}" + (f"/{target}" if target else ""))
+        # A killed group's last loss is stale until it is back.
+        live = [g for g in self.groups if g.pending_kill is None]
+        losses = [g.loss for g in live if not math.isnan(g.loss)]
+        if losses:
+            parts.append(f"loss {sum(losses) / len(losses):.3f}")
+        if self.kills:
+            parts.append(f"kills {len(self.kills)}")
+        parts.append(f"{time.monotonic() - self.started:.0f}s")
+        return " | ".join(parts)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def _summary(self) -> None:
+        write = self.out.plain
+        elapsed = time.monotonic() - self.started
+        if self.interrupted:
+            result = "stopped (interrupted)"
+        elif self.failure is not None:
+            result = f"FAILED: {self.failure}"
+        elif self.duration_reached:
+            result = f"stopped after --duration {self.options.duration:g}s, nothing failed"
+        else:
+            result = f"success: all {len(self.groups)} groups finished"
+        write("")
+        write(f"== ftdiloco launch summary ({elapsed:.1f}s) ==")
+        write(f"result: {result}")
+        write(f"{'group':<8} {'starts':>6} {'committed':>9} {'rolled back':>11} {'final loss':>10}")
+        for g in self.groups:
+            write(
+                f"{g.name:<8} {g.starts:>6} {g.committed:>9} {g.rolled_back:>11} "
+                f"{_fmt_loss(g.loss):>10}"
+            )
+        survived = [k for k in self.kills if k.recovered_after is not None]
+        write(
+            f"failures injected: {len(self.kills)}, survived (group back and committing): "
+            f"{len(survived)}"
+        )
+        for k in self.kills:
+            if k.recovered_after is None:
+                write(f"  group{k.group}: killed at outer step {k.step}, not back before the end")
+            else:
+                healed = ", healed from a peer" if k.healed else ""
+                write(
+                    f"  group{k.group}: killed at outer step {k.step}, recovered in "
+                    f"{k.recovered_after:.1f}s (committed step {k.back_at_step}{healed})"
+                )
+        losses = [g.loss for g in self.groups if not math.isnan(g.loss)]
+        if losses:
+            write(f"final loss: {sum(losses) / len(losses):.3f} (mean over groups)")
+
+
+def _fmt_loss(loss: float) -> str:
+    return "-" if math.isnan(loss) else f"{loss:.3f}"
+
+
+def launch(options: LaunchOptions, out: TextIO | None = None) -> int:
+    """Run the job to the end; the exit code (0 success, 1 failure, 130 interrupted)."""
+    return asyncio.run(_Launcher(options, out or sys.stdout).run())
+
+
+# -- the lighthouse of a batch job ----------------------------------------------------
+
+
+def serve_lighthouse(
+    lighthouse_args: Sequence[str], groups: int, idle_exit: float, poll: float = 0.5
+) -> int:
+    """Run the lighthouse until every one of ``groups`` has connected and then left.
+
+    "Left" means no replica connected and none waiting to join for
+    ``idle_exit`` seconds, long enough for a crashed group to be restarted.
+    Returns the daemon's exit code (0 after a clean stop).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lighthouse.cli", *lighthouse_args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url = None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.startswith(_LISTENING):
+            url = line[len(_LISTENING) :].strip()
+            break
+    if url is None:
+        return proc.wait()
+    threading.Thread(target=_forward, args=(proc.stdout,), daemon=True).start()
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen: set[str] = set()
+    idle_since: float | None = None
+    try:
+        with LighthouseClient(url, connect_timeout=2, retry_deadline=1) as client:
+            while not stop.is_set() and proc.poll() is None:
+                try:
+                    status = client.status()
+                except LighthouseError:
+                    stop.wait(poll)
+                    continue
+                replicas = status.get("replicas", [])
+                connected = {r["replica_id"] for r in replicas if r.get("connected")}
+                # Polled, so a group is noticed if it stays longer than a poll; a
+                # training group stays connected for its whole run.
+                seen |= {r["replica_id"] for r in replicas}
+                busy = bool(connected or status.get("joiners"))
+                if busy or len(seen) < groups:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= idle_exit:
+                    print(
+                        f"ftdiloco: all {groups} groups came and went; stopping the lighthouse",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    break
+                stop.wait(poll)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    return code
+
+
+def _forward(stream: TextIO) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()

@@ -1,0 +1,277 @@
+"""`ftdiloco launch`, `ftdiloco status` and `ftdiloco lighthouse`, as a user runs them.
+
+The launcher tests start the real thing (lighthouse, torchrun, the example
+script with the tiny model) and read what it prints.  Each launcher is ended
+in its fixture by PID: SIGTERM first, which makes it stop its own children,
+then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ftdiloco import cli
+from ftdiloco.launch import (
+    LaunchOptions,
+    alive,
+    compact_log,
+    free_port,
+    parse_done_line,
+    parse_step_line,
+    process_tree,
+)
+from lighthouse.client import LighthouseClient
+from lighthouse.quorum import Member
+from tests.procs import Proc, process_pool, start_lighthouse
+
+TINY = ["--", "--model-size", "tiny", "--sync-every", "10"]
+HAS_PROC = Path("/proc/self/stat").exists()
+
+
+def ftdiloco(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ftdiloco.cli", *args]
+
+
+@pytest.fixture
+def launcher() -> Iterator[list[Proc]]:
+    """Launchers started by a test; each is stopped the way a user would, then killed."""
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        if proc.popen.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # it stops every child it started
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start_launcher(started: list[Proc], *args: str) -> Proc:
+    proc = Proc("launcher", ftdiloco("launch", "--timeout", "10", *args))
+    started.append(proc)
+    return proc
+
+
+def finish(proc: Proc, timeout: float) -> tuple[int, str]:
+    code = proc.wait(timeout=timeout)
+    time.sleep(0.2)  # let the reader thread take the last lines
+    return code, "".join(proc.output)
+
+
+# -- the pieces, without processes ----------------------------------------------------
+
+
+def test_step_and_done_lines_are_parsed() -> None:
+    line = "outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | committed"
+    step = parse_step_line(line)
+    assert step is not None and (step.step, step.loss, step.committed) == (7, 2.314, True)
+    assert not step.healed
+    healed = parse_step_line(line.replace("committed", "committed | healed"))
+    assert healed is not None and healed.healed
+    back = parse_step_line(line.replace("committed", "rolled back"))
+    assert back is not None and not back.committed
+    assert parse_step_line("group 0 | tiny model, 0.12M parameters") is None
+    done = "done | 5 outer steps committed, 0 rolled back | 100 inner steps | final loss 2.815"
+    assert parse_done_line(done) == 2.815
+    assert parse_done_line(line) is None
+
+
+def test_library_logs_are_compact_and_info_is_hidden_unless_verbose() -> None:
+    warning = json.dumps(
+        {"event": "quorum member lost", "level": "warning", "timestamp": "t", "member": "group0"}
+    )
+    assert compact_log(warning, verbose=False) == "warning: quorum member lost | member=group0"
+    info = json.dumps({"event": "quorum", "level": "info", "step": 3})
+    assert compact_log(info, verbose=False) is None
+    assert compact_log(info, verbose=True) == "info: quorum | step=3"
+    assert (
+        compact_log("outer step 1 | loss 4.5 | ...\n", verbose=False)
+        == "outer step 1 | loss 4.5 | ..."
+    )
+    assert compact_log("{not json", verbose=False) == "{not json"
+
+
+def test_options_are_checked_and_the_target_is_found_in_script_args() -> None:
+    with pytest.raises(ValueError, match="no outer step could commit"):
+        LaunchOptions(groups=2, min_replicas=3)
+    with pytest.raises(ValueError, match="kill_every"):
+        LaunchOptions(kill_every=0)
+    assert LaunchOptions(outer_steps=7).target_steps() == 7
+    assert LaunchOptions(script_args=("--outer-steps", "9")).target_steps() == 9
+    assert LaunchOptions(script_args=("--outer-steps=4",)).target_steps() == 4
+    assert LaunchOptions().target_steps() is None
+
+
+def test_launch_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["launch", "--groups", "2", "--min-replicas", "3"])
+    assert exit_info.value.code == 2
+    assert "no outer step could commit" in capsys.readouterr().err
+
+
+def test_status_table_shows_quorum_and_members() -> None:
+    doc = {
+        "quorum_id": 12,
+        "epoch": 10,
+        "reason": "fast quorum",
+        "previous_quorum": {"quorum_id": 12, "members": [{"replica_id": "group0"}]},
+        "joiners": [{"replica_id": "group1"}],
+        "replicas": [
+            {
+                "replica_id": "group0",
+                "step": 4,
+                "address": "http://127.0.0.1:1234",
+                "heartbeat_age_s": 0.25,
+                "connected": True,
+                "in_quorum": True,
+                "recovering": False,
+            },
+            {"replica_id": "group1", "step": None, "address": None, "heartbeat_age_s": None},
+        ],
+    }
+    text = cli.format_status(doc, "http://127.0.0.1:29510")
+    assert "quorum 12 (#2 since the lighthouse started), 1 members: group0" in text
+    assert "waiting to join the next quorum: group1" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[-3:]}
+    assert rows["REPLICA"][:3] == ["REPLICA", "STEP", "ADDRESS"]
+    assert rows["group0"][:5] == ["group0", "4", "http://127.0.0.1:1234", "0.2s", "ago"]
+    assert rows["group0"][5:] == ["yes", "yes", "no"]
+    assert rows["group1"][:4] == ["group1", "-", "-", "-"]
+
+
+# -- ftdiloco status against a real lighthouse -------------------------------------------
+
+
+@pytest.mark.integration
+def test_status_against_a_real_lighthouse(capsys: pytest.CaptureFixture[str]) -> None:
+    with process_pool() as procs:
+        _, url = start_lighthouse(procs, "--min-replicas", "1")
+        with LighthouseClient(url) as client:
+            member = Member("trainer-a", address="http://127.0.0.1:9", step=3)
+            quorum = client.join(member, timeout=10)
+
+            assert cli.status(url) == 0
+            table = capsys.readouterr().out
+            assert f"quorum {quorum.quorum_id} (#1 since the lighthouse started)" in table
+            assert re.search(r"^trainer-a\s+3\s+http://127\.0\.0\.1:9\s", table, re.MULTILINE)
+
+            assert cli.status(url, as_json=True) == 0
+            doc = json.loads(capsys.readouterr().out)
+            assert doc["previous_quorum"]["quorum_id"] == quorum.quorum_id
+            assert [r["replica_id"] for r in doc["replicas"]] == ["trainer-a"]
+
+
+def test_status_of_an_unreachable_lighthouse_exits_2() -> None:
+    port = free_port()  # nothing listens there now
+    result = subprocess.run(
+        ftdiloco("status", "--lighthouse", f"127.0.0.1:{port}", "--timeout", "0.5"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == cli.EXIT_UNREACHABLE
+    assert result.stdout == ""
+    # One line saying what is wrong, not the client's retries.
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "cannot read the lighthouse's status" in result.stderr and str(port) in result.stderr
+
+
+# -- ftdiloco lighthouse (the batch job's lighthouse) --------------------------------------
+
+
+@pytest.mark.integration
+def test_batch_lighthouse_stops_once_every_group_came_and_went() -> None:
+    with process_pool() as procs:
+        proc = Proc(
+            "lighthouse",
+            ftdiloco(
+                *("lighthouse", "--groups", "2", "--idle-exit", "0.5", "--"),
+                *("--bind", "127.0.0.1:0", "--min-replicas", "1"),
+            ),
+        )
+        procs.append(proc)
+        url = proc.wait_for("lighthouse listening on", timeout=30).split()[-1]
+        with LighthouseClient(url) as first:
+            first.start_liveness("group0", lambda event: None)
+            time.sleep(1.5)  # the wrapper polls /status twice a second
+            first.stop_liveness()
+        time.sleep(1.5)
+        assert proc.popen.poll() is None, "one of two groups was seen: it must keep running"
+        with LighthouseClient(url) as second:
+            second.start_liveness("group1", lambda event: None)
+            time.sleep(1.5)
+        assert proc.wait(timeout=15) == 0
+        assert any("came and went" in line for line in proc.output)
+
+
+# -- the launcher, end to end ---------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_launch_runs_a_job_to_the_end_and_summarises(launcher: list[Proc]) -> None:
+    proc = start_launcher(launcher, "--groups", "2", "--outer-steps", "3", *TINY)
+    code, out = finish(proc, timeout=90)
+    assert code == 0, out
+    for group in ("group0", "group1"):
+        assert re.search(rf"^\[{group}\] outer step 3 \| loss .* \| committed", out, re.M), out
+        assert re.search(rf"^\[{group}\] done \| 3 outer steps committed", out, re.M), out
+    assert "result: success: all 2 groups finished" in out
+    assert re.search(r"^group0\s+1\s+3\s+0\s+\d+\.\d{3}$", out, re.M), out
+    assert re.search(r"^final loss: \d+\.\d{3}", out, re.M), out
+
+
+@pytest.mark.integration
+def test_kill_every_kills_restarts_and_reports_the_recovery(launcher: list[Proc]) -> None:
+    # Many steps, so the launcher sees time to recover; we stop it once it has.
+    proc = start_launcher(
+        launcher,
+        *("--groups", "2", "--min-replicas", "1", "--kill-every", "1", "--outer-steps", "500"),
+        *TINY,
+    )
+    killed = proc.wait_for("[launcher] SIGKILL group", timeout=90)
+    victim = re.search(r"SIGKILL (group\d)", killed)
+    assert victim is not None
+    proc.wait_for(f"[launcher] started {victim[1]}", timeout=30)  # the restart
+    recovered = proc.wait_for(f"[launcher] {victim[1]} recovered", timeout=60)
+    assert re.search(r"after the kill", recovered)
+    os.kill(proc.pid, signal.SIGINT)
+    code, out = finish(proc, timeout=30)
+    assert code == 130, out
+    assert re.search(
+        r"failures injected: [1-9]\d*, survived \(group back and committing\): [1-9]", out
+    )
+    assert re.search(rf"{victim[1]}: killed at outer step \d+, recovered in \d+\.\ds", out), out
+    assert re.search(rf"^{victim[1]}\s+2\s", out, re.M), "the victim was started twice"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAS_PROC, reason="finds the launcher's process tree in /proc")
+def test_ctrl_c_stops_every_process_the_launcher_started(launcher: list[Proc]) -> None:
+    proc = start_launcher(launcher, "--groups", "2", "--outer-steps", "500", *TINY)
+    # Each worker prints its model line once it runs: then every process is up.
+    deadline = time.monotonic() + 90
+    while sum("tiny model" in line for line in proc.output) < 2:
+        assert proc.popen.poll() is None and time.monotonic() < deadline, proc.tail()
+        time.sleep(0.1)
+    tree = process_tree(proc.pid)
+    # launcher, lighthouse, and per group a torchrun and its worker
+    assert len(tree) >= 6, tree
+    os.kill(proc.pid, signal.SIGINT)
+    code, out = finish(proc, timeout=30)
+    assert code == 130, out
+    assert "stopping every process this launcher started" in out
+    assert "result: stopped (interrupted)" in out
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in tree if alive(p)], "processes outlived the launcher"
