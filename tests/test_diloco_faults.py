@@ -49,7 +49,7 @@ def start_group(
             "WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(master_port or free_port()),
-            "FTDILOCO_TIMEOUT": "10",
+            "FTDILOCO_TIMEOUT": "20",
             "FTDILOCO_HEARTBEAT_INTERVAL": "0.2",
             "WORKER_LOG": str(log),
             **env,
@@ -100,7 +100,7 @@ def test_survivors_commit_after_kills_between_syncs_and_mid_allreduce(tmp_path: 
     assert all(r["rolled_back_to_backup"] for r in rolled_back)
     # After the mid-allreduce kill the survivor's next step committed within the timeout.
     after = [r for r in survivor_records if r["time"] > rolled_back[-1]["time"]]
-    assert after and after[0]["committed"] and after[0]["seconds"] < 10
+    assert after and after[0]["committed"] and after[0]["seconds"] < 20  # FTDILOCO_TIMEOUT
     assert after[0]["participants"] == 1
     steps = assert_consistent(logs)
     assert 2 in steps and all(len(h) == 1 for h in steps.values())

@@ -22,9 +22,17 @@ pytestmark = pytest.mark.integration
 
 
 def first_sync(log: Path) -> dict[str, object]:
+    """The newcomer's first outer step: it must heal in it and commit with the others.
+
+    (Which step that is depends on a race the rules allow: the running groups'
+    fast quorum forms as soon as they rejoin, so a newcomer that joins a moment
+    later takes part in the step after.)
+    """
     recs = records(log)
     assert recs, f"{log} has no outer step"
-    return recs[0]
+    first = recs[0]
+    assert first["healed"] and first["committed"], recs
+    return first
 
 
 def resume_when_ready(newcomer: Proc, paused: list[Proc]) -> None:
@@ -44,7 +52,7 @@ def test_a_killed_group_restarts_heals_and_matches_its_peers(tmp_path: Path) -> 
     logs = [tmp_path / f"g{g}.jsonl" for g in range(3)]
     restarted_log = tmp_path / "g1-restarted.jsonl"
     with process_pool() as procs:
-        _, url = start_lighthouse(procs, "--min-replicas", "2", "--join-timeout-ms", "5000")
+        _, url = start_lighthouse(procs, "--min-replicas", "2")
         g0, g1, g2 = (
             start_group(
                 procs, url, g, logs[g], WORKER_STEPS="9", WORKER_PAUSE_AT="3" if g == 1 else "5"
@@ -61,13 +69,13 @@ def test_a_killed_group_restarts_heals_and_matches_its_peers(tmp_path: Path) -> 
         finish(g0, g2, restarted)
 
     first = first_sync(restarted_log)
-    # Its very first outer step: healed from a peer (progress recovered, not
-    # reset to 0), and committed together with the others.
-    assert first["healed"] and first["committed"], first
-    assert first["step"] == paused_at + 1 and first["participants"] == 3, (first, paused_at)
+    # Healed from a peer (progress recovered, not reset to 0) and committed in
+    # its first outer step together with the others.
+    assert first["step"] in (paused_at + 1, paused_at + 2), (first, paused_at)
+    assert first["participants"] == 3
     assert_consistent([logs[0], logs[2], restarted_log])
     committed = [r["step"] for r in records(restarted_log) if r["committed"]]
-    assert committed == list(range(paused_at + 1, 10))
+    assert committed == list(range(int(first["step"]), 10))
 
 
 def test_a_group_joining_at_step_k_heals_and_matches(tmp_path: Path) -> None:
@@ -84,7 +92,7 @@ def test_a_group_joining_at_step_k_heals_and_matches(tmp_path: Path) -> None:
         resume_when_ready(late, early)
         finish(*early, late)
     first = first_sync(logs[2])
-    assert first["healed"] and first["committed"] and first["step"] == 5, first
+    assert first["step"] in (5, 6) and first["participants"] == 3, first
     assert_consistent(logs)
 
 
