@@ -105,11 +105,31 @@ class _OuterLoop:
         self.last_sync: SyncReport | None = None
         self._optimizer = optimizer
         self.inner_steps = 0
+        # The inner step at which the current sync started, carried by heals
+        # so that a group that joins runs on the others' schedule.
+        self._sync_point = torch.zeros((), dtype=torch.int64)
         self._hook: Any = None
 
     def __enter__(self) -> _OuterLoop:
         self._hook = self._optimizer.register_step_post_hook(self._after_inner_step)
+        self._catch_up()
         return self
+
+    def _catch_up(self) -> None:
+        """Before the first inner step, take part in the job's next outer step.
+
+        A group that (re)starts joins the quorum at once; when the others
+        reach their sync it heals there, contributes nothing, commits with
+        them, and only then begins inner steps -- none of them wasted.  In a
+        fresh job this first step is an empty one that aligns every group on
+        the primary's weights.
+        """
+        raise NotImplementedError
+
+    def _join(self) -> None:
+        """Join this step's quorum (healing if behind), publishing our sync point."""
+        self._sync_point.fill_(self.inner_steps)
+        self.manager.start_quorum()
 
     def __exit__(self, *exc: object) -> None:
         if self._hook is not None:
@@ -240,6 +260,7 @@ class DiLoCo(_OuterLoop):
 
     def _save(self) -> dict[str, torch.Tensor]:
         state = {f"backup.{i}": b for i, b in enumerate(self.backup)}
+        state["sync_point"] = self._sync_point
         state.update(optimizer_tensors("outer", self.outer_optimizer))
         if self.sync_delay == 0:
             # With a delay the inner loop runs on while a peer may be copying
@@ -251,6 +272,7 @@ class DiLoCo(_OuterLoop):
         """Adopt a peer's committed state: global weights, optimizer state."""
         for i, b in enumerate(self.backup):
             b.copy_(state[f"backup.{i}"])
+        self.inner_steps = int(state["sync_point"])
         load_optimizer_tensors("outer", self.outer_optimizer, state)
         if self.sync_delay == 0:
             load_optimizer_tensors("inner", self.inner_optimizer, state)
@@ -276,10 +298,23 @@ class DiLoCo(_OuterLoop):
         assert self.last_sync is not None
         return self.last_sync
 
-    def _start(self, fragment: _Fragment) -> None:
-        """Join the quorum and send the fragment's pseudo-gradient (in the background)."""
+    def _catch_up(self) -> None:
         started = time.perf_counter()
-        self.manager.start_quorum()  # a group that is behind heals here, every fragment
+        self._join()
+        # A heal moved inner_steps to the donors' sync point: sync what they sync.
+        due = [f for f in self.fragments if self.inner_steps % self.sync_every == f.offset]
+        if due:
+            self._start(due[0], started=started)
+            self._apply(due[0], skip_empty=True)
+
+    def _start(self, fragment: _Fragment, started: float | None = None) -> None:
+        """Join the quorum and send the fragment's pseudo-gradient (in the background).
+
+        ``started`` means the quorum was already joined (at that time).
+        """
+        if started is None:
+            started = time.perf_counter()
+            self._join()  # a group that is behind heals here, every fragment
         with torch.no_grad():
             for pseudo, p, b in zip(fragment.pseudo, fragment.params, fragment.backup, strict=True):
                 pseudo.copy_(b, non_blocking=True)
@@ -287,8 +322,13 @@ class DiLoCo(_OuterLoop):
         work = self.manager.allreduce(fragment.flats)
         fragment.in_flight = _InFlight(work, started, self.inner_steps + self.sync_delay)
 
-    def _apply(self, fragment: _Fragment) -> None:
-        """Wait for the fragment's average; commit and step, or roll the fragment back."""
+    def _apply(self, fragment: _Fragment, skip_empty: bool = False) -> None:
+        """Wait for the fragment's average; commit and step, or roll the fragment back.
+
+        ``skip_empty``: when nobody made progress (a fresh or resumed job's
+        first step) the average is all zeros, and stepping would only replay
+        the outer optimizer's momentum; the step is committed without it.
+        """
         flight = fragment.in_flight
         assert flight is not None
         fragment.in_flight = None
@@ -298,7 +338,8 @@ class DiLoCo(_OuterLoop):
         local = [p.detach().clone() for p in fragment.params] if self.alpha > 0 else None
         _copy_all(fragment.params, fragment.backup)
         committed = self.manager.should_commit()
-        if committed:
+        empty = skip_empty and not any(bool(flat.any()) for flat in fragment.flats)
+        if committed and not empty:
             self._outer_step(fragment)
             if local is not None:
                 with torch.no_grad():
@@ -346,6 +387,7 @@ class LocalSGD(_OuterLoop):
 
     def _save(self) -> dict[str, torch.Tensor]:
         state = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
+        state["sync_point"] = self._sync_point
         state.update(optimizer_tensors("inner", self.optimizer))
         return state
 
@@ -353,11 +395,15 @@ class LocalSGD(_OuterLoop):
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(state[f"param.{i}"])
+        self.inner_steps = int(state["sync_point"])
         load_optimizer_tensors("inner", self.optimizer, state)
+
+    def _catch_up(self) -> None:
+        self.sync()
 
     def sync(self) -> SyncReport:
         started = time.perf_counter()
-        self.manager.start_quorum()
+        self._join()
         with torch.no_grad():
             for view, p in zip(self._views, self.params, strict=True):
                 view.copy_(p)

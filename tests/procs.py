@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -95,6 +97,21 @@ def process_pool() -> Iterator[list[Proc]]:
     finally:
         for proc in procs:
             proc.kill()
+
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), so no outgoing
+    connection (gloo opens many) can take it between now and its use."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def start_lighthouse(procs: list[Proc], *flags: str, port: int = 0) -> tuple[Proc, str]:

@@ -41,7 +41,7 @@ from ftdiloco.config import Config
 from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
 from ftdiloco.manager import Manager
 from lighthouse import protocol
-from tests.procs import ROOT, Proc, process_pool, start_lighthouse
+from tests.procs import ROOT, Proc, free_port, process_pool, start_lighthouse
 
 # The examples import each other as siblings, the way `torchrun examples/x.py` runs them.
 sys.path.insert(0, str(ROOT / "examples"))
@@ -358,10 +358,18 @@ class Trainer:
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.outer = torch.optim.SGD(self.model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
         self.diloco = DiLoCo(m, self.model, self.inner, self.outer, sync_every=2)
-        self.diloco.__enter__()  # hooks inner.step(); the Manager's close outlives it
         self.data = torch.Generator().manual_seed(seed)
+        self.entered = False
+
+    def enter(self) -> None:
+        """Hook inner.step() (the Manager's close outlives it) and take the first,
+        empty, outer step that aligns a new job."""
+        self.diloco.__enter__()
+        self.entered = True
 
     def outer_steps(self, n: int) -> None:
+        if not self.entered:
+            self.enter()
         for _ in range(2 * n):
             x = torch.randn(4, 8, generator=self.data)
             (self.model(x) - x[:, :4]).pow(2).mean().backward()
@@ -388,7 +396,8 @@ def test_manager_saves_every_n_steps_and_resumes_bitwise(
     with manager(lighthouse_url, tmp_path, checkpoint_every=2) as m:
         first = Trainer(m)
         m.checkpoint_metadata = lambda: {"position": 123}
-        first.outer_steps(4)
+        first.enter()
+        first.outer_steps(3)
         assert m.step == 4
         assert steps_on_disk(m) == [2, 4]
         saved = first.state()
@@ -405,8 +414,11 @@ def test_manager_saves_every_n_steps_and_resumes_bitwise(
         assert m.step == 4
         assert m.resumed_metadata == {"position": 123}
         assert_bitwise(second.state(), saved)
-        second.outer_steps(1)
+        second.enter()  # the resumed job's first step is empty: nothing moves
         assert m.step == 5
+        assert_bitwise(second.state(), saved)
+        second.outer_steps(1)
+        assert m.step == 6
 
 
 def test_resume_without_a_checkpoint_starts_over(lighthouse_url: str, tmp_path: Path) -> None:
@@ -421,12 +433,13 @@ def test_resume_skips_a_damaged_checkpoint(lighthouse_url: str, tmp_path: Path) 
         Trainer(m).outer_steps(2)
         directory = m.checkpoint_directory()
     assert directory is not None
-    flip_byte(directory / "step-2" / "state.safetensors", 100)
+    # Steps 1 (the empty first one), 2 and 3 were saved; the newest two are kept.
+    flip_byte(directory / "step-3" / "state.safetensors", 100)
     with manager(lighthouse_url, tmp_path) as m:
         Trainer(m)
         with structlog.testing.capture_logs() as logs:
             assert m.resume()
-        assert m.step == 1
+        assert m.step == 2
         assert any(e["event"] == "skipping a damaged checkpoint" for e in logs)
 
 
@@ -481,12 +494,13 @@ def test_checkpoint_on_request_at_the_next_step_boundary(
         status, answer = post_checkpoint(m, "wrong")
         assert (status, answer["code"]) == (401, "unauthorized")
         status, answer = post_checkpoint(m, "s3cret")
-        assert (status, answer["ok"], answer["step"]) == (202, True, 1)
+        # (step 1 was the empty first one, step 2 the trained one)
+        assert (status, answer["ok"], answer["step"]) == (202, True, 2)
         assert steps_on_disk(m) == []  # the training thread saves, not the server
         trainer.outer_steps(1)
-        assert steps_on_disk(m) == [2]
+        assert steps_on_disk(m) == [3]
         trainer.outer_steps(1)
-        assert steps_on_disk(m) == [2]  # one request, one save
+        assert steps_on_disk(m) == [3]  # one request, one save
 
 
 def test_checkpoint_route_without_a_directory_is_refused(lighthouse_url: str) -> None:
@@ -513,18 +527,12 @@ def test_sigterm_saves_at_the_next_step_boundary_then_exits(
             with pytest.raises(SystemExit) as info:
                 trainer.outer_steps(1)
             assert info.value.code == 0
-            assert steps_on_disk(m) == [2]
+            assert steps_on_disk(m) == [3]  # after the empty first step and one more
             # A second SIGTERM goes to the handler that was there before.
             os.kill(os.getpid(), signal.SIGTERM)
             assert received == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, original)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def on_both(calls: Sequence[Callable[[], T]]) -> list[T]:
@@ -681,6 +689,7 @@ def test_a_killed_group_restarts_from_disk_and_a_terminated_one_saves_first(
     assert int(step) == 4
     assert digest == first_hashes[4] and params_match == "True"
     second_hashes = {r["step"]: r["hash"] for r in records(second_log) if r["committed"]}
+    # Its first step (entering after the resume) takes part in the job at once.
     assert sorted(second_hashes) == [5, 6]
     assert checkpoint_hash(directory / "step-6") == second_hashes[6]
     # SIGTERM during step 7 saved it (the exit came before the worker's record) and stopped.

@@ -8,24 +8,17 @@ groups hold bitwise-identical global weights and outer optimizer state (I1).
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Proc, process_pool, start_lighthouse
+from tests.procs import Proc, free_port, process_pool, start_lighthouse
 
 pytestmark = pytest.mark.integration
 
 WORKER = "tests/workers/diloco_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_group(

@@ -77,7 +77,7 @@ def test_one_fragment_without_delay_is_plain_diloco_bitwise(manager: Manager) ->
     with DiLoCo(manager, model, inner, outer, sync_every=SYNC_EVERY, fragments=1, sync_delay=0):
         for x in data:
             inner_step(model, inner, x)
-    assert manager.step == 5
+    assert manager.step == 1 + 5  # the empty step that aligns a new job, then five
     for got, want in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(got, want)
 
@@ -98,7 +98,9 @@ def test_fragments_sync_on_staggered_schedules_and_apply_after_the_delay(
             if manager.step != before:
                 committed_at.append(diloco.inner_steps)
                 assert diloco.last_sync is not None and diloco.last_sync.committed
-    # Fragment 0 starts at inner step 4 and applies at 6; fragment 1 at 8 -> 10; ...
+    # Entering committed an empty first step; then fragment 0 starts at inner
+    # step 4 and applies at 6, fragment 1 starts at 8 and applies at 10, ...
+    assert manager.step == 1 + 3
     assert committed_at == [6, 10, 14]
     assert second.in_flight is not None  # started at 16, applies at 18
 

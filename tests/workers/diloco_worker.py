@@ -62,12 +62,13 @@ def main() -> None:
         "fragments": int(os.environ.get("WORKER_FRAGMENTS", "1")),
         "sync_delay": int(os.environ.get("WORKER_SYNC_DELAY", "0")),
     }
-    with manager, DiLoCo(manager, model, inner, outer, sync_every=4, **streaming) as diloco:
-        if os.environ.get("WORKER_RESUME"):
-            step = manager.step if manager.resume() else -1
-            pairs = zip(diloco.params, diloco.backup, strict=True)
-            same = all(torch.equal(p.detach(), b) for p, b in pairs)
-            print(f"RESUMED {step} {state_hash(diloco)} {same}", flush=True)
+    diloco = DiLoCo(manager, model, inner, outer, sync_every=4, **streaming)
+    if os.environ.get("WORKER_RESUME"):  # before entering: the first outer step needs it
+        step = manager.step if manager.resume() else -1
+        pairs = zip(diloco.params, diloco.backup, strict=True)
+        same = all(torch.equal(p.detach(), b) for p, b in pairs)
+        print(f"RESUMED {step} {state_hash(diloco)} {same}", flush=True)
+    with manager, diloco:
         if manager.checkpoint_directory() is not None:
             manager.install_sigterm_handler()
         reported = None
