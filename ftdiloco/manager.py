@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +46,7 @@ from ftdiloco.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from ftdiloco.compression import Codec, compressed_allreduce
 from ftdiloco.config import Config
 from ftdiloco.group import GroupGather, contribute_remote
 from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
@@ -61,7 +62,17 @@ T = TypeVar("T")
 StateSave = Callable[[], dict[str, torch.Tensor]]
 StateLoad = Callable[[dict[str, torch.Tensor]], None]
 
+# The allreduce goes in buckets of at most BUCKET_BYTES, each sent as soon as
+# it is ready, so copying, sending and averaging overlap (smaller buckets
+# measured slower with gloo: each collective has a fixed cost).  Tensors of at
+# least DIRECT_BYTES are sent in place, sliced to BUCKET_BYTES; smaller ones
+# are copied into flat buckets, so a model's many small vectors cost few
+# collectives.
 BUCKET_BYTES = 16 << 20
+DIRECT_BYTES = 1 << 20
+# torch's parallel grain (at::internal::GRAIN_SIZE): smaller ops stay on the
+# calling thread.  See _serially.
+SERIAL_NUMEL = 32768
 
 
 class MemberLost(RuntimeError):
@@ -80,6 +91,8 @@ class Work:
     def __init__(self, finish: Callable[[], bool]) -> None:
         self._finish = finish
         self._ok: bool | None = None
+        # Payload bytes this group sent, when the exchange knows them.
+        self.nbytes: int | None = None
 
     def wait(self) -> bool:
         if self._ok is None:
@@ -200,11 +213,23 @@ class Manager:
         )
         return plan
 
-    def allreduce(self, tensors: Sequence[torch.Tensor]) -> Work:
+    def allreduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        codec: Codec | None = None,
+        residuals: Sequence[torch.Tensor | None] | None = None,
+    ) -> Work:
         """Average ``tensors`` in place over the groups that contribute this step.
 
+        With a ``codec`` each tensor (flat and contiguous) travels compressed and
+        is summed in fp32 on arrival; ``residuals`` (one per tensor, or None)
+        keep what quantization dropped, for the next sync (error feedback).
+
         Groups that healed in this quorum contribute zeros and are not counted,
-        so a freshly healed group does not dilute the others' progress.
+        so a freshly healed group does not dilute the others' progress.  Large
+        tensors are summed where they lie, so after a failure their values are
+        partial sums: roll back, as DiLoCo does.
         """
         plan, pg = self._plan, self._pg
         if plan is None or (self._error is not None and not plan.heal):
@@ -221,22 +246,65 @@ class Manager:
             self.report_error(RuntimeError("no process group for this quorum"))
             return Work.done(False)
         contributors = max(1, plan.replica_world_size - len(plan.recovering))
+        if codec is not None:
+            return self._allreduce_coded(
+                pg, tensors, codec, residuals or [None] * len(tensors), plan, contributors
+            )
+        pending = []
         try:
-            pending = [(flat, parts, pg.allreduce([flat])) for flat, parts in self._pack(tensors)]
+            # _pack copies the next bucket only after this one is on its way.
+            for bucket, parts in self._pack(tensors):
+                pending.append((pg.allreduce([bucket]), parts))
         except Exception as e:
             self.report_error(e)
             self._drop_process_group()
             return Work.done(False)
 
         def finish() -> None:
-            for flat, parts, work in pending:
+            # Average each bucket as it arrives, while later ones are in flight.
+            for work, parts in pending:
                 work.wait()
-                for t, offset in parts:
-                    src = flat if offset < 0 else flat[offset : offset + t.numel()].view_as(t)
-                    torch.div(src, contributors, out=t)
+                for t, summed in parts:
+                    _serially(lambda out, src: torch.div(src, contributors, out=out), t, summed)
 
         future = _start_thread(finish, "allreduce")
         return Work(lambda: self._finish(future))
+
+    def _allreduce_coded(
+        self,
+        pg: process_group.CrossGroup,
+        tensors: Sequence[torch.Tensor],
+        codec: Codec,
+        residuals: Sequence[torch.Tensor | None],
+        plan: QuorumPlan,
+        contributors: int,
+    ) -> Work:
+        try:
+            pending = [
+                compressed_allreduce(
+                    pg,
+                    t,
+                    codec,
+                    world_size=plan.replica_world_size,
+                    contributors=contributors,
+                    residual=r,
+                    contribute=not plan.heal,
+                )
+                for t, r in zip(tensors, residuals, strict=True)
+            ]
+        except Exception as e:
+            self.report_error(e)
+            self._drop_process_group()
+            return Work.done(False)
+
+        def finish() -> None:
+            for exchange in pending:
+                exchange.wait()
+
+        future = _start_thread(finish, "allreduce")
+        work = Work(lambda: self._finish(future))
+        work.nbytes = sum(exchange.nbytes for exchange in pending)
+        return work
 
     def should_commit(self) -> bool:
         """The group's vote: commit only if every rank succeeded and enough groups took part."""
@@ -510,23 +578,34 @@ class Manager:
 
     def _pack(
         self, tensors: Sequence[torch.Tensor]
-    ) -> list[tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]]:
-        """Flat buffers of at most BUCKET_BYTES; several buckets pipeline copy and send.
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """The buckets to allreduce, each with (tensor, its summed values in the bucket) pairs.
 
-        A single contiguous tensor goes as it is (offset -1 marks "no copy").
+        Lazy, so the caller sends each bucket before the next is copied.  First
+        the tensors sent in place (contiguous, and large or alone), sliced to
+        BUCKET_BYTES: no copy, so the first collective starts at once.  Then
+        the others, copied into flat buffers of at most BUCKET_BYTES (or one
+        tensor's size, for a large tensor that is not contiguous).
         """
-        if len(tensors) == 1 and tensors[0].is_contiguous():
-            return [(tensors[0], [(tensors[0], -1)])]
+        small = []
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if t.is_contiguous() and (nbytes >= DIRECT_BYTES or len(tensors) == 1):
+                whole, step = t.view(-1), max(1, BUCKET_BYTES // t.element_size())
+                for start in range(0, whole.numel(), step):
+                    piece = whole[start : start + step]
+                    yield piece, [(piece, piece)]
+            else:
+                small.append(t)
         groups: list[list[torch.Tensor]] = []
         size = 0
-        for t in tensors:
+        for t in small:
             same = groups and groups[-1][0].dtype == t.dtype and groups[-1][0].device == t.device
             if not same or size + t.numel() * t.element_size() > BUCKET_BYTES:
                 groups.append([])
                 size = 0
             groups[-1].append(t)
             size += t.numel() * t.element_size()
-        packed = []
         for index, group in enumerate(groups):
             numel = sum(t.numel() for t in group)
             key = (index, group[0].dtype, group[0].device, numel)
@@ -539,11 +618,11 @@ class Manager:
             self._buckets[key] = [flat]
             parts, offset = [], 0
             for t in group:
-                flat[offset : offset + t.numel()].view_as(t).copy_(t)
-                parts.append((t, offset))
+                summed = flat[offset : offset + t.numel()].view_as(t)
+                _serially(lambda out, src: out.copy_(src), summed, t)
+                parts.append((t, summed))
                 offset += t.numel()
-            packed.append((flat, parts))
-        return packed
+            yield flat, parts
 
     def _await(self, future: concurrent.futures.Future[T], timeout: float, what: str) -> T:
         """Wait for side-thread work, giving up at the deadline or when a member dies."""
@@ -795,6 +874,31 @@ class Manager:
             body=protocol.encode_error(code, text),
             content_type=protocol.CONTENT_TYPE,
         )
+
+
+def _serially(
+    op: Callable[[torch.Tensor, torch.Tensor], object], out: torch.Tensor, src: torch.Tensor
+) -> None:
+    """``op(out, src)`` for an elementwise op, on the calling thread alone.
+
+    A large op on CPU tensors goes to torch's OpenMP team, whose threads then
+    compete for the cores with gloo's, busy with the other buckets; when they
+    do not all get a core the team waits for its slowest member (2 processes
+    on 2 cores: 30 ms instead of 0.3 ms to divide 4 MB).  Slices below torch's
+    parallel grain never leave the calling thread.
+    """
+    at_once = (
+        src.device.type != "cpu"
+        or torch.get_num_threads() == 1
+        or src.numel() <= SERIAL_NUMEL
+        or not (out.is_contiguous() and src.is_contiguous())
+    )
+    if at_once:
+        op(out, src)
+        return
+    out, src = out.view(-1), src.view(-1)
+    for start in range(0, src.numel(), SERIAL_NUMEL):
+        op(out[start : start + SERIAL_NUMEL], src[start : start + SERIAL_NUMEL])
 
 
 def _start_thread(fn: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
