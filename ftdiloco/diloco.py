@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftdiloco.compression import get_codec
 from ftdiloco.manager import Manager, Work
 
 
@@ -145,7 +146,12 @@ class _OuterLoop:
         raise NotImplementedError
 
     def _report(
-        self, started: float, committed: bool, flats: list[torch.Tensor], waited: float
+        self,
+        started: float,
+        committed: bool,
+        flats: list[torch.Tensor],
+        waited: float,
+        sent: int | None = None,
     ) -> SyncReport:
         plan = self.manager.plan
         seconds = time.perf_counter() - started
@@ -155,7 +161,9 @@ class _OuterLoop:
             participants=plan.replica_world_size if plan is not None else 0,
             quorum_id=plan.quorum_id if plan is not None else -1,
             seconds=seconds,
-            bytes_sent=sum(f.numel() * f.element_size() for f in flats),
+            bytes_sent=sent
+            if sent is not None
+            else sum(f.numel() * f.element_size() for f in flats),
             healed=plan.heal if plan is not None else False,
             waited=waited,
             # Of the time from sending to applying, the share the inner loop
@@ -184,6 +192,7 @@ class _Fragment:
     flats: list[torch.Tensor]
     pseudo: list[torch.Tensor]
     offset: int  # the inner step (mod sync_every) at which its sync starts
+    residuals: list[torch.Tensor]  # error feedback: what quantization left out, per flat
     in_flight: _InFlight | None = None
 
 
@@ -214,6 +223,9 @@ class DiLoCo(_OuterLoop):
     merges the new global weights with the local ones at application
     (0: take the global weights).  N = 1, tau = 0, alpha = 0 is plain DiLoCo.
     Each fragment has its own backup and rolls back on its own.
+    ``compression`` ("fp32", "bf16", "fp16", "int8", "fp8") is how
+    pseudo-gradients travel; they are always summed in fp32.
+    ``error_feedback`` carries each sync's quantization error into the next.
     """
 
     def __init__(
@@ -228,8 +240,12 @@ class DiLoCo(_OuterLoop):
         fragments: int = 1,
         sync_delay: int = 0,
         alpha: float = 0.0,
+        compression: str = "fp32",
+        error_feedback: bool = False,
     ) -> None:
         super().__init__(manager, model, inner_optimizer, sync_every)
+        # fp32 goes through the manager's plain (bucketed, in place) allreduce.
+        self.codec = None if compression == "fp32" else get_codec(compression)
         if not 0 <= sync_delay < sync_every // fragments:
             raise ValueError(
                 f"sync_delay must be in [0, sync_every // fragments) ="
@@ -254,7 +270,14 @@ class DiLoCo(_OuterLoop):
                 backup = [b.pin_memory() for b in backup]
             flats, pseudo = _flat_views(params)
             offset = (index + 1) * sync_every // fragments % sync_every
-            self.fragments.append(_Fragment(index, params, backup, flats, pseudo, offset))
+            residuals = (
+                [torch.zeros_like(f, dtype=torch.float32) for f in flats]
+                if error_feedback and self.codec is not None
+                else []
+            )
+            self.fragments.append(
+                _Fragment(index, params, backup, flats, pseudo, offset, residuals)
+            )
         self.backup = [b for f in self.fragments for b in f.backup]
         manager.register_state("diloco", self._save, self._load)
 
@@ -319,7 +342,9 @@ class DiLoCo(_OuterLoop):
             for pseudo, p, b in zip(fragment.pseudo, fragment.params, fragment.backup, strict=True):
                 pseudo.copy_(b, non_blocking=True)
                 pseudo.sub_(p)
-        work = self.manager.allreduce(fragment.flats)
+        work = self.manager.allreduce(
+            fragment.flats, codec=self.codec, residuals=fragment.residuals or None
+        )
         fragment.in_flight = _InFlight(work, started, self.inner_steps + self.sync_delay)
 
     def _apply(self, fragment: _Fragment, skip_empty: bool = False) -> None:
@@ -345,7 +370,10 @@ class DiLoCo(_OuterLoop):
                 with torch.no_grad():
                     for p, mine in zip(fragment.params, local, strict=True):
                         p.lerp_(mine, self.alpha)
-        self._report(flight.started, committed, fragment.flats, waited)
+        if not committed:
+            for residual in fragment.residuals:
+                residual.zero_()  # it held the error of a pseudo-gradient now discarded
+        self._report(flight.started, committed, fragment.flats, waited, flight.work.nbytes)
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
 
     def _outer_step(self, fragment: _Fragment) -> None:

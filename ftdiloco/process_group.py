@@ -28,6 +28,10 @@ class CrossGroup(Protocol):
 
     def allreduce(self, tensors: list[torch.Tensor]) -> Work: ...
 
+    def allgather(
+        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor]
+    ) -> Work: ...
+
     def abort(self) -> None: ...
 
 

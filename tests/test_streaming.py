@@ -162,7 +162,8 @@ def test_fragments_balance_bytes_in_module_order_and_none_is_empty(
 
 
 @pytest.mark.integration
-def test_streaming_groups_commit_identical_state(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["fp32", "int8"])
+def test_streaming_groups_commit_identical_state(tmp_path: Path, compression: str) -> None:
     logs = [tmp_path / f"g{g}.jsonl" for g in range(2)]
     with process_pool() as procs:
         _, url = start_lighthouse(procs, "--min-replicas", "2")
@@ -175,6 +176,7 @@ def test_streaming_groups_commit_identical_state(tmp_path: Path) -> None:
                 WORKER_STEPS="8",
                 WORKER_FRAGMENTS="2",
                 WORKER_SYNC_DELAY="1",
+                WORKER_COMPRESSION=compression,
             )
             for g in range(2)
         ]
@@ -183,4 +185,12 @@ def test_streaming_groups_commit_identical_state(tmp_path: Path) -> None:
             assert proc.wait(timeout=30) == 0, proc.tail()
     by_step = assert_consistent(logs)
     assert set(range(1, 9)) <= set(by_step)
-    assert all(r["participants"] == 2 for log in logs for r in records(log) if r["committed"])
+    committed = [r for log in logs for r in records(log) if r["committed"]]
+    assert all(r["participants"] == 2 for r in committed)
+    # The worker's model splits into fragments of 2048 and 584 values: 8192 and
+    # 2336 bytes in fp32; int8 sends a byte a value plus a scale per 256.
+    sent = {int(r["bytes_sent"]) for r in committed}
+    if compression == "fp32":
+        assert sent == {8192, 2336}
+    else:
+        assert max(sent) < 2336 and min(sent) >= 584

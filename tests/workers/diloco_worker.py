@@ -15,7 +15,7 @@ FTDILOCO_*), plus test-only knobs:
   WORKER_SLOW_SERVE  when a peer heals from this group at this step or later,
                    print "SERVING" and stall before sending state (so the
                    test can kill a donor in the middle of a transfer)
-  WORKER_FRAGMENTS, WORKER_SYNC_DELAY  streaming DiLoCo settings
+  WORKER_FRAGMENTS, WORKER_SYNC_DELAY, WORKER_COMPRESSION  streaming DiLoCo settings
 Every outer step also prints "STEP <n>" so a test can wait for progress.
 """
 
@@ -61,6 +61,8 @@ def main() -> None:
     streaming = {
         "fragments": int(os.environ.get("WORKER_FRAGMENTS", "1")),
         "sync_delay": int(os.environ.get("WORKER_SYNC_DELAY", "0")),
+        "compression": os.environ.get("WORKER_COMPRESSION", "fp32"),
+        "error_feedback": bool(os.environ.get("WORKER_COMPRESSION")),
     }
     diloco = DiLoCo(manager, model, inner, outer, sync_every=4, **streaming)
     if os.environ.get("WORKER_RESUME"):  # before entering: the first outer step needs it
@@ -98,6 +100,7 @@ def main() -> None:
                     "hash": state_hash(diloco),
                     "rolled_back_to_backup": rolled_back_ok,
                     "healed": report.healed,
+                    "bytes_sent": report.bytes_sent,
                     "time": time.time(),
                 }
                 out.write(json.dumps(record) + "\n")
