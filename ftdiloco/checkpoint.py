@@ -45,6 +45,8 @@ import safetensors.torch
 import structlog
 import torch
 
+from ftdiloco.dtypes import SAFETENSORS_CODES
+
 __all__ = [
     "CheckpointError",
     "CheckpointInfo",
@@ -77,23 +79,7 @@ _REPLACED_PREFIX = ".old-"
 _READ_BYTES = 16 << 20
 
 # Every dtype safetensors stores, with its code there; meta.json names them as torch does.
-_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint64: "U64",
-    torch.uint32: "U32",
-    torch.uint16: "U16",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_CODES = SAFETENSORS_CODES
 _DTYPES: dict[str, torch.dtype] = {str(dtype).removeprefix("torch."): dtype for dtype in _CODES}
 
 

@@ -54,6 +54,7 @@ import torch
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from ftdiloco.dtypes import SAFETENSORS_CODES
 from lighthouse.protocol import (
     CONTENT_TYPE,
     MAX_MESSAGE_BYTES,
@@ -77,23 +78,7 @@ Destination = (
 )
 
 # safetensors' names for the dtypes it can carry.
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint64: "U64",
-    torch.uint32: "U32",
-    torch.uint16: "U16",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_DTYPES = SAFETENSORS_CODES
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 # zlib.crc32 runs at ~3 GB/s per core and releases the GIL; blake2b manages
