@@ -35,7 +35,8 @@ class ProtocolError(ValueError):
 
 
 def pack(message: Mapping[str, Any]) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, **message}, use_bin_type=True)
+    packed: bytes = msgpack.packb({"v": PROTOCOL_VERSION, **message}, use_bin_type=True)
+    return packed
 
 
 def unpack(body: bytes) -> dict[str, Any]:
