@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -235,12 +236,12 @@ def train() -> None:
     if victim == "mid":
         real_allreduce = manager.allreduce
 
-        def allreduce(tensors: Sequence[torch.Tensor]) -> Work:
+        def allreduce(tensors: Sequence[torch.Tensor], **options: Any) -> Work:
             if counted >= stop_after:
                 emit(kind="hanging", time=time.monotonic(), step=manager.step)
                 while True:  # inside the outer step's allreduce until SIGKILL
                     time.sleep(3600)
-            return real_allreduce(tensors)
+            return real_allreduce(tensors, **options)
 
         manager.allreduce = allreduce  # type: ignore[method-assign]
 

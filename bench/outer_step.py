@@ -230,14 +230,15 @@ def measure_stalls(warm_steps: int) -> dict[str, dict[str, Any]]:
         survivors = [start_group(procs, url, g, "train") for g in (2, 3)]
         histories: list[list[dict[str, Any]]] = [[], []]
         kills = {}
+        dead: list[Proc] = []
         for victim, proc in (("between", between), ("mid", mid)):
-            event = proc.next_event(timeout=120)
-            while event["kind"] not in ("paused", "hanging"):
-                event = proc.next_event(timeout=60)
+            running = [p for p in procs if p not in dead]
+            event = _next_stop(proc, running, deadline=time.monotonic() + 120)
             if victim == "mid":
                 time.sleep(0.05)  # the survivors are inside the allreduce, waiting on it
             killed = time.monotonic()
             proc.kill()
+            dead.append(proc)
             last = int(event["step"])  # the victim's last committed step
             kills[victim] = (killed, last)
             for syncs, survivor in zip(histories, survivors, strict=True):
@@ -249,6 +250,19 @@ def measure_stalls(warm_steps: int) -> dict[str, dict[str, Any]]:
         )
         for victim, (killed, last) in kills.items()
     }
+
+
+def _next_stop(proc: Proc, procs: list[Proc], deadline: float) -> dict[str, Any]:
+    """The victim's ``paused`` or ``hanging`` report; fails if any process has died."""
+    while True:
+        for other in procs:
+            if other.popen.poll() is not None:
+                raise RuntimeError(f"{other.name} exited early\n{other.tail()}")
+        event = proc.next_event(timeout=max(0.0, deadline - time.monotonic()))
+        if event["kind"] in ("paused", "hanging"):
+            return event
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proc.name} did not stop in time\n{proc.tail()}")
 
 
 def _stall(syncs: list[dict[str, Any]], victim: str, killed: float, last: int) -> dict[str, Any]:
@@ -384,6 +398,8 @@ def stall_report(repeats: int, warm_steps: int) -> tuple[list[Row], dict[str, An
 
 
 def main() -> None:
+    # SIGTERM leaves through the finally blocks, which end the children by pid.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     flags = parser(__doc__.split("\n")[0])
     flags.add_argument("--only", choices=("overhead", "stall"), help="run one part")
     args = flags.parse_args()
