@@ -450,5 +450,15 @@ def tensors_hash(tensors: Iterable[torch.Tensor]) -> str:
     """A digest of tensors' bytes, for checking that groups hold identical weights."""
     digest = hashlib.blake2b(digest_size=16)
     for t in tensors:
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            bytes(
+                t.detach()
+                .cpu()
+                .contiguous()
+                .reshape(-1)
+                .view(torch.uint8)
+                .clone()
+                .untyped_storage()
+            )
+        )
     return digest.hexdigest()

@@ -51,7 +51,9 @@ T = TypeVar("T")
 
 
 def raw(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return bytes(
+        t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone().untyped_storage()
+    )
 
 
 def assert_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
