@@ -124,7 +124,7 @@ def _stall_heal_serving(from_step: int) -> None:
     StateServer._copy_chunk = stalled  # type: ignore[method-assign]
 
 
-def _hang(tensors: object) -> object:
+def _hang(*_: object, **__: object) -> object:
     print("HANGING", flush=True)
     while True:
         time.sleep(3600)
