@@ -255,10 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     last_loss = math.nan
     rolled_back = inner_steps = 0
     started = time.monotonic()
-    with (
-        Manager(config) as manager,
-        DiLoCo(manager, model, inner_opt, outer_opt, sync_every=args.sync_every) as diloco,
-    ):
+    with Manager(config) as manager:
+        diloco = DiLoCo(manager, model, inner_opt, outer_opt, sync_every=args.sync_every)
         sampler = loader.sampler
         assert isinstance(sampler, ShardSampler)
         # Saved with every checkpoint, so a resumed run reads on where it stopped.
@@ -274,34 +272,37 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no checkpoint in {config.checkpoint_dir}; starting at step 0", flush=True)
         if config.checkpoint_dir is not None:
             manager.install_sigterm_handler()
-        previous = diloco.last_sync
-        # A run resumed at or past --outer-steps has nothing left to do.
-        batches = forever(loader) if manager.step < args.outer_steps else iter([])
-        for x, y in batches:
-            _, loss = model(x, y)
-            assert loss is not None  # targets were given
-            loss.backward()
-            if config.world_size > 1:
-                average_gradients(model, config.world_size)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            inner_opt.step()  # every sync_every-th step also runs the outer step
-            inner_opt.zero_grad(set_to_none=True)
-            inner_steps += 1
-            losses.append(loss.item())
+        # Entering joins the job's next outer step before any inner step (a
+        # restarted group heals there), so resuming comes first.
+        with diloco:
+            previous = None
+            # A run resumed at or past --outer-steps has nothing left to do.
+            batches = forever(loader) if manager.step < args.outer_steps else iter([])
+            for x, y in batches:
+                _, loss = model(x, y)
+                assert loss is not None  # targets were given
+                loss.backward()
+                if config.world_size > 1:
+                    average_gradients(model, config.world_size)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                inner_opt.step()  # every sync_every-th step also runs the outer step
+                inner_opt.zero_grad(set_to_none=True)
+                inner_steps += 1
+                losses.append(loss.item())
 
-            report = diloco.last_sync
-            if report is not None and report is not previous:
-                previous = report
-                last_loss = sum(losses) / len(losses)
-                losses.clear()
-                rolled_back += not report.committed
-                progress.clear()
-                if leader:
-                    print(sync_line(report, last_loss), flush=True)
-            else:
-                progress.show(f"inner step {len(losses)}/{args.sync_every}")
-            if manager.step >= args.outer_steps:
-                break
+                report = diloco.last_sync
+                if report is not None and report is not previous:
+                    previous = report
+                    last_loss = sum(losses) / len(losses)
+                    losses.clear()
+                    rolled_back += not report.committed
+                    progress.clear()
+                    if leader:
+                        print(sync_line(report, last_loss), flush=True)
+                else:
+                    progress.show(f"inner step {len(losses)}/{args.sync_every}")
+                if manager.step >= args.outer_steps:
+                    break
         committed = manager.step
         if config.checkpoint_dir is not None:
             manager.save_checkpoint()  # a later --resume with more --outer-steps goes on from here
