@@ -203,7 +203,8 @@ def sync_line(report: SyncReport, loss: float) -> str:
     healed = " | healed" if report.healed else ""
     return (
         f"outer step {report.step} | loss {loss:.3f} | participants {report.participants} | "
-        f"sync {report.seconds:.3f}s | sent {report.bytes_sent / 1e6:.1f} MB | {outcome}{healed}"
+        f"sync {report.seconds:.3f}s | sent {report.bytes_sent / 1e6:.1f} MB | "
+        f"waited {report.waited:.3f}s, {report.hidden_fraction:.0%} hidden | {outcome}{healed}"
     )
 
 

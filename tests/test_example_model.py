@@ -231,10 +231,12 @@ def test_sync_line() -> None:
         seconds=0.0421,
         bytes_sent=12_300_000,
         healed=True,
+        waited=0.0101,
+        hidden_fraction=0.76,
     )
     assert train_diloco.sync_line(report, 2.3141) == (  # type: ignore[arg-type]
         "outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | "
-        "rolled back | healed"
+        "waited 0.010s, 76% hidden | rolled back | healed"
     )
 
 
