@@ -2,12 +2,14 @@
 processes on loopback (ended by PID in fixtures); `soak` tests are long fault
 runs, deselected by default and run by `pytest -m soak` in CI's second stage."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
 from lighthouse.background import BackgroundLoop
 from lighthouse.server import LighthouseServer, ServerConfig
+from tests.lighthouse_support import Lighthouses
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +25,17 @@ def lighthouse_url() -> Iterator[str]:
     yield url
     loop.run(server.stop(), timeout=10)
     loop.close()
+
+
+@pytest.fixture
+async def lighthouses() -> AsyncIterator[Lighthouses]:
+    """In-process lighthouses a test starts; all stopped at the end."""
+    servers = Lighthouses()
+    yield servers
+    await servers.stop_all()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s

@@ -25,19 +25,6 @@ from tests.lighthouse_support import (
 
 
 @pytest.fixture
-async def lighthouses() -> AsyncIterator[Lighthouses]:
-    servers = Lighthouses()
-    yield servers
-    await servers.stop_all()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
-
-
-@pytest.fixture
 async def server(lighthouses: Lighthouses) -> LighthouseServer:
     return await lighthouses.start(max_body_bytes=4096)
 

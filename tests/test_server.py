@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -18,7 +17,6 @@ from lighthouse import protocol
 from lighthouse.quorum import Update
 from lighthouse.server import ServerConfig
 from tests.lighthouse_support import (
-    Lighthouses,
     connect,
     eventually,
     heartbeat,
@@ -30,19 +28,6 @@ from tests.lighthouse_support import (
 
 # Long enough that a quorum formed "quickly" cannot have waited for it.
 SLOW = 30.0
-
-
-@pytest.fixture
-async def lighthouses() -> AsyncIterator[Lighthouses]:
-    servers = Lighthouses()
-    yield servers
-    await servers.stop_all()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
 
 
 async def send_heartbeats(ws: aiohttp.ClientWebSocketResponse, every: float) -> None:
