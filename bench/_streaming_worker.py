@@ -268,7 +268,7 @@ def train(run: dict[str, Any], group: int, index: int) -> dict[str, Any]:
     run_steps(warmup)
     result.update(measure(steps), reports=reports)
     result.update({f"{key}_s": value for key, value in blocked.items()})
-    if any(f.in_flight is not None for f in diloco.fragments) or diloco.inner_steps % sync_every:
+    if diloco.in_flight is not None or diloco.inner_steps % sync_every:
         diloco.sync()  # the end of training: every fragment's outer step, now
     diloco.__exit__(None, None, None)
     before.remove()

@@ -15,6 +15,7 @@ leaves the model exactly at the last committed global weights.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,7 @@ class SyncReport:
     healed: bool
     waited: float
     hidden_fraction: float
+    fragment: int = 0  # which fragment of the model it carried (streaming DiLoCo)
 
 
 def _flat_views(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -152,6 +154,7 @@ class _OuterLoop:
         flats: list[torch.Tensor],
         waited: float,
         sent: int | None = None,
+        fragment: int = 0,
     ) -> SyncReport:
         plan = self.manager.plan
         seconds = time.perf_counter() - started
@@ -169,31 +172,32 @@ class _OuterLoop:
             # Of the time from sending to applying, the share the inner loop
             # did not spend blocked on the network.
             hidden_fraction=max(0.0, 1.0 - waited / seconds) if seconds > 0 else 0.0,
+            fragment=fragment,
         )
         return self.last_sync
 
 
 @dataclass
-class _InFlight:
-    """A fragment's sync between its start and the inner step where it is applied."""
-
-    work: Work
-    started: float
-    apply_at: int
-
-
-@dataclass
 class _Fragment:
-    """A slice of the model (in module order) with its own sync schedule and backup."""
+    """A slice of the model (in module order) with its own backup."""
 
     index: int
     params: list[nn.Parameter]
     backup: list[torch.Tensor]
     flats: list[torch.Tensor]
     pseudo: list[torch.Tensor]
-    offset: int  # the inner step (mod sync_every) at which its sync starts
     residuals: list[torch.Tensor]  # error feedback: what quantization left out, per flat
-    in_flight: _InFlight | None = None
+
+
+@dataclass
+class _InFlight:
+    """A sync between its start and the inner step where it is applied."""
+
+    # The quorum's work and the fragment it averaged (see DiLoCo._exchange).
+    done: concurrent.futures.Future[tuple[Work, _Fragment]]
+    started: float
+    started_at: int  # the inner step at which it started
+    apply_at: int
 
 
 def split_fragments(params: list[nn.Parameter], n: int) -> list[list[nn.Parameter]]:
@@ -226,6 +230,13 @@ class DiLoCo(_OuterLoop):
     ``compression`` ("fp32", "bf16", "fp16", "int8", "fp8") is how
     pseudo-gradients travel; they are always summed in fp32.
     ``error_feedback`` carries each sync's quantization error into the next.
+
+    With tau > 0 everything between a fragment's start and its application
+    that is not the training thread's own arithmetic -- joining the quorum
+    (which includes waiting for the slowest group), a heal, encoding, the
+    exchange -- runs on one sync thread, so the inner loop only pays for
+    the pseudo-gradient at the start and the vote and outer step at the end.
+    A heal that lands meanwhile reaches the live weights at the application.
     """
 
     def __init__(
@@ -269,16 +280,22 @@ class DiLoCo(_OuterLoop):
             if pin:  # page-locked host memory makes device<->backup copies asynchronous
                 backup = [b.pin_memory() for b in backup]
             flats, pseudo = _flat_views(params)
-            offset = (index + 1) * sync_every // fragments % sync_every
             residuals = (
                 [torch.zeros_like(f, dtype=torch.float32) for f in flats]
                 if error_feedback and self.codec is not None
                 else []
             )
-            self.fragments.append(
-                _Fragment(index, params, backup, flats, pseudo, offset, residuals)
-            )
+            self.fragments.append(_Fragment(index, params, backup, flats, pseudo, residuals))
         self.backup = [b for f in self.fragments for b in f.backup]
+        # The inner steps (mod sync_every) at which a sync starts: one per
+        # fragment, evenly spaced, the last at the end of the outer period.
+        self.slots = tuple((k + 1) * sync_every // fragments % sync_every for k in range(fragments))
+        self.in_flight: _InFlight | None = None
+        # One thread for every background sync: at most one is in flight, and
+        # the manager is used by one thread at a time.
+        self._sync_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_background = False
+        self._healed_sync_point: int | None = None
         manager.register_state("diloco", self._save, self._load)
 
     def _save(self) -> dict[str, torch.Tensor]:
@@ -292,74 +309,145 @@ class DiLoCo(_OuterLoop):
         return state
 
     def _load(self, state: dict[str, torch.Tensor]) -> None:
-        """Adopt a peer's committed state: global weights, optimizer state."""
+        """Adopt a peer's committed state: global weights, optimizer state.
+
+        The backups and the outer optimizer are only touched when a fragment
+        is applied, so a heal on the sync thread may write them; the live
+        weights and the step count belong to the inner loop, which adopts
+        them when the fragment in flight is applied.
+        """
         for i, b in enumerate(self.backup):
             b.copy_(state[f"backup.{i}"])
-        self.inner_steps = int(state["sync_point"])
         load_optimizer_tensors("outer", self.outer_optimizer, state)
         if self.sync_delay == 0:
             load_optimizer_tensors("inner", self.inner_optimizer, state)
+        if self._in_background:
+            self._healed_sync_point = int(state["sync_point"])
+        else:
+            self._adopt_global_weights(int(state["sync_point"]))
+
+    def _adopt_global_weights(self, inner_steps: int) -> None:
+        self.inner_steps = inner_steps
         for fragment in self.fragments:
             _copy_all(fragment.params, fragment.backup)
+            for residual in fragment.residuals:
+                residual.zero_()  # the error of progress the heal discarded
+
+    def __exit__(self, *exc: object) -> None:
+        """Let a background sync finish, so the manager is idle when the caller closes it.
+
+        The sync stays in flight, unapplied and unvoted: ``sync()`` still
+        applies it; otherwise this group is simply behind at its next quorum.
+        """
+        try:
+            if self._sync_thread is not None:
+                self._sync_thread.shutdown(wait=True)
+                self._sync_thread = None
+        finally:
+            super().__exit__(*exc)
 
     def _after_inner_step(self, *_: object) -> None:
         self.inner_steps += 1
-        for fragment in self.fragments:
-            if fragment.in_flight is not None and fragment.in_flight.apply_at == self.inner_steps:
-                self._apply(fragment)
-            if self.inner_steps % self.sync_every == fragment.offset:
-                self._start(fragment)
-                if self.sync_delay == 0:
-                    self._apply(fragment)
+        if self.in_flight is not None and self.in_flight.apply_at == self.inner_steps:
+            self._apply()
+        if self.inner_steps % self.sync_every in self.slots:
+            self._start(now=self.sync_delay == 0)
+            if self.sync_delay == 0:
+                self._apply()
 
     def sync(self) -> SyncReport:
-        """Every fragment's outer step, now (e.g. at the end of training)."""
-        for fragment in self.fragments:
-            if fragment.in_flight is None:
-                self._start(fragment)
-            self._apply(fragment)
+        """Finish the sync in flight and sync every other fragment, now (at the end of training)."""
+        remaining = len(self.fragments)
+        if self.in_flight is not None:
+            self._apply()
+            remaining -= 1
+        for _ in range(remaining):
+            self._start(now=True)
+            self._apply()
         assert self.last_sync is not None
         return self.last_sync
 
     def _catch_up(self) -> None:
         started = time.perf_counter()
         self._join()
-        # A heal moved inner_steps to the donors' sync point: sync what they sync.
-        due = [f for f in self.fragments if self.inner_steps % self.sync_every == f.offset]
-        if due:
-            self._start(due[0], started=started)
-            self._apply(due[0], skip_empty=True)
+        # A heal moved inner_steps to the donors' sync point: sync when they sync.
+        if self.inner_steps % self.sync_every in self.slots:
+            self._start(now=True, joined_at=started)
+            self._apply(skip_empty=True)
 
-    def _start(self, fragment: _Fragment, started: float | None = None) -> None:
-        """Join the quorum and send the fragment's pseudo-gradient (in the background).
+    def _start(self, *, now: bool, joined_at: float | None = None) -> None:
+        """Take a pseudo-gradient and send it, on this thread or on the sync thread.
 
-        ``started`` means the quorum was already joined (at that time).
+        Which fragment a sync carries follows the committed step, which every
+        group up to date agrees on (see _exchange).  ``joined_at``: the
+        quorum was already joined, at that time.
         """
-        if started is None:
-            started = time.perf_counter()
-            self._join()  # a group that is behind heals here, every fragment
+        fragment = self.fragments[self.manager.step % len(self.fragments)]
         with torch.no_grad():
             for pseudo, p, b in zip(fragment.pseudo, fragment.params, fragment.backup, strict=True):
-                pseudo.copy_(b, non_blocking=True)
-                pseudo.sub_(p)
+                if b.device == p.device:
+                    torch.sub(b, p, out=pseudo)
+                else:  # a host backup of an accelerator's weights
+                    pseudo.copy_(b, non_blocking=True)
+                    pseudo.sub_(p)
+        started = joined_at if joined_at is not None else time.perf_counter()
+        if joined_at is None:
+            # What a heal from us carries: the inner step this sync started at.
+            self._sync_point.fill_(self.inner_steps)
+        join = joined_at is None
+        if now:
+            done: concurrent.futures.Future[tuple[Work, _Fragment]] = concurrent.futures.Future()
+            done.set_result(self._exchange(fragment, join))
+        else:
+            if self._sync_thread is None:
+                self._sync_thread = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="ftdiloco-sync"
+                )
+            self._in_background = True
+            done = self._sync_thread.submit(self._exchange, fragment, join)
+        self.in_flight = _InFlight(
+            done, started, self.inner_steps, self.inner_steps + self.sync_delay
+        )
+
+    def _exchange(self, fragment: _Fragment, join: bool) -> tuple[Work, _Fragment]:
+        """Join the quorum (a group that is behind heals here) and average a fragment.
+
+        Every member must pass tensors of the same shapes to the collective.
+        A group that is behind may be at another point of the schedule, so it
+        takes part -- with zeros -- in the fragment of the quorum's step,
+        which is what the members up to date send: they are at that step.
+        """
+        if join:
+            self.manager.start_quorum()
+        plan = self.manager.plan
+        if plan is not None and plan.heal:
+            fragment = self.fragments[plan.max_step % len(self.fragments)]
         work = self.manager.allreduce(
             fragment.flats, codec=self.codec, residuals=fragment.residuals or None
         )
-        fragment.in_flight = _InFlight(work, started, self.inner_steps + self.sync_delay)
+        work.wait()
+        return work, fragment
 
-    def _apply(self, fragment: _Fragment, skip_empty: bool = False) -> None:
-        """Wait for the fragment's average; commit and step, or roll the fragment back.
+    def _apply(self, skip_empty: bool = False) -> None:
+        """Wait for the sync in flight; commit and step its fragment, or roll it back.
 
         ``skip_empty``: when nobody made progress (a fresh or resumed job's
         first step) the average is all zeros, and stepping would only replay
         the outer optimizer's momentum; the step is committed without it.
         """
-        flight = fragment.in_flight
+        flight = self.in_flight
         assert flight is not None
-        fragment.in_flight = None
+        self.in_flight = None
         waiting = time.perf_counter()
-        flight.work.wait()
+        try:
+            work, fragment = flight.done.result()
+        finally:
+            self._in_background = False
         waited = time.perf_counter() - waiting
+        if self._healed_sync_point is not None:
+            # A heal on the sync thread: run on from the donors' weights and schedule.
+            healed, self._healed_sync_point = self._healed_sync_point, None
+            self._adopt_global_weights(healed + self.inner_steps - flight.started_at)
         local = [p.detach().clone() for p in fragment.params] if self.alpha > 0 else None
         _copy_all(fragment.params, fragment.backup)
         committed = self.manager.should_commit()
@@ -373,7 +461,7 @@ class DiLoCo(_OuterLoop):
         if not committed:
             for residual in fragment.residuals:
                 residual.zero_()  # it held the error of a pseudo-gradient now discarded
-        self._report(flight.started, committed, fragment.flats, waited, flight.work.nbytes)
+        self._report(flight.started, committed, fragment.flats, waited, work.nbytes, fragment.index)
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
 
     def _outer_step(self, fragment: _Fragment) -> None:

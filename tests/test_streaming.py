@@ -88,21 +88,31 @@ def test_fragments_sync_on_staggered_schedules_and_apply_after_the_delay(
     model = make_model()
     inner, outer = optimizers(model)
     diloco = DiLoCo(manager, model, inner, outer, sync_every=8, fragments=2, sync_delay=2)
-    first, second = diloco.fragments
-    assert (first.offset, second.offset) == (4, 0)
+    assert diloco.slots == (4, 0)
     committed_at: list[int] = []
+    moved: list[list[int]] = []  # per commit: the fragments whose global weights changed
     with diloco:
         for x in batches(16):
             before = manager.step
+            backups = [[b.clone() for b in f.backup] for f in diloco.fragments]
             inner_step(model, inner, x)
             if manager.step != before:
                 committed_at.append(diloco.inner_steps)
                 assert diloco.last_sync is not None and diloco.last_sync.committed
-    # Entering committed an empty first step; then fragment 0 starts at inner
-    # step 4 and applies at 6, fragment 1 starts at 8 and applies at 10, ...
+                moved.append(
+                    [
+                        f.index
+                        for f, old in zip(diloco.fragments, backups, strict=True)
+                        if not all(torch.equal(a, b) for a, b in zip(f.backup, old, strict=True))
+                    ]
+                )
+    # Entering committed an empty first step; then a sync starts at inner
+    # step 4 and applies at 6, the next starts at 8 and applies at 10, ...
     assert manager.step == 1 + 3
     assert committed_at == [6, 10, 14]
-    assert second.in_flight is not None  # started at 16, applies at 18
+    # ... each carrying one fragment, in turn (the fragment of the committed step).
+    assert moved == [[1], [0], [1]]
+    assert diloco.in_flight is not None  # started at 16, applies at 18
 
 
 def test_alpha_one_keeps_the_local_weights_of_the_fragment(manager: Manager) -> None:
@@ -194,3 +204,70 @@ def test_streaming_groups_commit_identical_state(tmp_path: Path, compression: st
         assert sent == {8192, 2336}
     else:
         assert max(sent) < 2336 and min(sent) >= 584
+
+
+STREAMING = {"WORKER_FRAGMENTS": "2", "WORKER_SYNC_DELAY": "1"}
+
+
+@pytest.mark.integration
+def test_a_group_left_behind_heals_on_the_sync_thread_and_rejoins(tmp_path: Path) -> None:
+    """The heal lands while the inner loop runs on; the weights are adopted at the apply."""
+    logs = [tmp_path / f"g{g}.jsonl" for g in range(3)]
+    with process_pool() as procs:
+        _, url = start_lighthouse(procs, "--min-replicas", "2", "--join-timeout-ms", "500")
+        ahead = [
+            start_group(procs, url, g, logs[g], WORKER_STEPS="12", **pause, **STREAMING)
+            for g, pause in ((1, {"WORKER_PAUSE_AT": "2"}), (2, {}))
+        ]
+        # While group 1 is silent, group 2 waits in its quorum for a majority.
+        ahead[0].wait_for("PAUSED", timeout=60)
+        # Group 0 joins the job (healing into the others' history with group
+        # 2), then falls silent in turn, and groups 1 and 2 move on without it.
+        behind = start_group(
+            procs, url, 0, logs[0], WORKER_STEPS="12", WORKER_PAUSE_AT="1", **STREAMING
+        )
+        behind.wait_for("PAUSED", timeout=60)
+        paused_at = max(int(r["step"]) for r in records(logs[0]))
+        ahead[0].send("go")
+        ahead[0].wait_for(f"STEP {paused_at + 3}", timeout=60)
+        behind.send("go")
+        for proc in (behind, *ahead):
+            proc.wait_for("DONE", timeout=90)
+            assert proc.wait(timeout=30) == 0, proc.tail()
+    resumed = [r for r in records(logs[0]) if int(r["step"]) > paused_at]
+    healed = [r for r in resumed if r["healed"]]
+    assert healed and healed[0]["committed"], resumed
+    assert int(healed[0]["step"]) >= paused_at + 3  # it took the others' step, not its own
+    # From the heal on it commits every step with the other group, never resetting.
+    after = [int(r["step"]) for r in resumed if r["committed"] and r["time"] >= healed[0]["time"]]
+    assert after == list(range(after[0], 13))
+    steps = assert_consistent(logs)
+    assert all(len(steps[s]) == 1 for s in after)
+
+
+@pytest.mark.integration
+def test_a_kill_during_a_background_sync_rolls_back_one_fragment_and_a_restart_heals(
+    tmp_path: Path,
+) -> None:
+    logs = [tmp_path / f"g{g}.jsonl" for g in range(3)]
+    with process_pool() as procs:
+        # Two groups or none: the survivor waits for the restarted group.
+        _, url = start_lighthouse(procs, "--min-replicas", "2")
+        survivor = start_group(procs, url, 0, logs[0], WORKER_STEPS="10", **STREAMING)
+        doomed = start_group(procs, url, 1, logs[1], WORKER_HANG_AT="3", **STREAMING)
+        doomed.wait_for("HANGING", timeout=60)  # on its sync thread, inside the allreduce
+        doomed.kill()
+        restarted = start_group(procs, url, 2, logs[2], WORKER_STEPS="10", **STREAMING)
+        for proc in (survivor, restarted):
+            proc.wait_for("DONE", timeout=90)
+            assert proc.wait(timeout=30) == 0, proc.tail()
+    mine = records(logs[0])
+    rolled_back = [r for r in mine if not r["committed"]]
+    assert rolled_back and all(r["rolled_back_to_backup"] for r in rolled_back)
+    committed = [int(r["step"]) for r in mine if r["committed"]]
+    assert committed == list(range(committed[0], 11))
+    late = [r for r in records(logs[2]) if r["committed"]]
+    assert late[0]["healed"] and int(late[0]["step"]) >= 4  # the survivor's progress, not 0
+    assert [int(r["step"]) for r in late] == list(range(int(late[0]["step"]), 11))
+    steps = assert_consistent(logs)
+    assert all(len(h) == 1 for h in steps.values())

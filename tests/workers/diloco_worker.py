@@ -85,7 +85,8 @@ def main() -> None:
             report = diloco.last_sync
             if report is not None and report is not reported:
                 reported = report
-                pairs = zip(diloco.params, diloco.backup, strict=True)
+                synced = diloco.fragments[report.fragment]
+                pairs = zip(synced.params, synced.backup, strict=True)
                 rolled_back_ok = report.committed or all(
                     torch.equal(p.detach().cpu(), b) for p, b in pairs
                 )
@@ -101,6 +102,7 @@ def main() -> None:
                     "rolled_back_to_backup": rolled_back_ok,
                     "healed": report.healed,
                     "bytes_sent": report.bytes_sent,
+                    "fragment": report.fragment,
                     "time": time.time(),
                 }
                 out.write(json.dumps(record) + "\n")
