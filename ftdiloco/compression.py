@@ -53,7 +53,7 @@ reduce-scatter shaped exchange (not built: it quantizes twice).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -116,6 +116,12 @@ class Codec(Protocol):
 
     def decode_add(self, payload: Tensor, numel: int, acc: Tensor) -> None:
         """Dequantize ``payload`` and add it into the fp32 accumulator ``acc``."""
+        ...
+
+    def decode_mean(
+        self, payloads: Sequence[Tensor], numel: int, out: Tensor, divisor: int
+    ) -> None:
+        """``out = sum(decoded payloads) / divisor``, summed in fp32 in the order given."""
         ...
 
 
@@ -214,7 +220,37 @@ class _ChunkedCodec:
         scratch = torch.empty(min(chunk, numel), dtype=torch.float32, device=acc.device)
         for start in range(0, numel, chunk):
             stop = min(start + chunk, numel)
-            self._decode_chunk(payload, start, stop, numel, scratch[: stop - start], acc)
+            self._decode_chunk(
+                payload, start, stop, numel, scratch[: stop - start], acc[start:stop]
+            )
+
+    @torch.no_grad()
+    def decode_mean(
+        self, payloads: Sequence[Tensor], numel: int, out: Tensor, divisor: int
+    ) -> None:
+        """Chunk by chunk, every payload in turn: each chunk of the sum stays in cache.
+
+        Decoding whole payloads one after another would stream the full-size
+        accumulator through memory once per payload, plus once to clear it
+        and once to divide.
+        """
+        _check_vector("out", out, numel, None)
+        for payload in payloads:
+            _check_payload(payload, self.payload_bytes(numel), out.device)
+        chunk = self._chunk(out.device)
+        size = min(chunk, numel)
+        scratch = torch.empty(size, dtype=torch.float32, device=out.device)
+        staged = out.dtype != torch.float32
+        sums = torch.empty_like(scratch) if staged else scratch
+        for start in range(0, numel, chunk):
+            stop = min(start + chunk, numel)
+            acc = sums[: stop - start] if staged else out[start:stop]
+            acc.zero_()
+            for payload in payloads:
+                self._decode_chunk(payload, start, stop, numel, scratch[: stop - start], acc)
+            acc.div_(divisor)
+            if staged:
+                out[start:stop].copy_(acc)
 
     def _chunk(self, device: torch.device) -> int:
         size = _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
@@ -240,7 +276,7 @@ class _ChunkedCodec:
         scratch: Tensor,
         acc: Tensor | None,
     ) -> None:
-        """Elements ``start:stop``: add into ``acc[start:stop]``, or (no acc) write ``scratch``."""
+        """Elements ``start:stop``: add into ``acc`` (just theirs), or (no acc) fill ``scratch``."""
         raise NotImplementedError
 
 
@@ -276,10 +312,10 @@ class CastCodec(_ChunkedCodec):
         if acc is None:
             scratch.copy_(values)
         elif self.dtype == torch.float32:
-            acc[start:stop].add_(values)
+            acc.add_(values)
         else:
             # Upcast first: a mixed-dtype add is slower on a CPU.
-            acc[start:stop].add_(scratch.copy_(values))
+            acc.add_(scratch.copy_(values))
 
 
 class BlockCodec(_ChunkedCodec):
@@ -367,9 +403,7 @@ class BlockCodec(_ChunkedCodec):
             if acc is None:
                 t.mul_(scales.unsqueeze(1))
             else:
-                acc[first : first + blocks * length].view(blocks, length).addcmul_(
-                    t, scales.unsqueeze(1)
-                )
+                acc[lo:hi].view(blocks, length).addcmul_(t, scales.unsqueeze(1))
 
 
 def _check_vector(
@@ -505,12 +539,7 @@ def compressed_allreduce(
 
     def finish_gather() -> None:
         work.wait()
-        acc = flat if flat.dtype == torch.float32 else torch.empty_like(flat, dtype=torch.float32)
-        acc.zero_()
-        for p in payloads:  # rank order on every rank: bitwise identical sums
-            codec.decode_add(p, numel, acc)
-        acc.div_(contributors)
-        if acc is not flat:
-            flat.copy_(acc)
+        # Rank order on every rank: bitwise identical sums.
+        codec.decode_mean(payloads, numel, flat, contributors)
 
     return Pending(finish_gather, nbytes)

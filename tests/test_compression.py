@@ -237,6 +237,25 @@ def test_chunking_does_not_change_payload(name: str, monkeypatch: pytest.MonkeyP
     assert torch.equal(decode(codec, whole, x.numel()), decoded)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", CODECS)
+def test_decode_mean_is_the_fp32_sum_in_order_divided(
+    name: str, out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk by chunk it computes exactly what decoding whole payloads in turn computes."""
+    codec = get_codec(name, block=100)
+    inputs = [make_case("randn4099", seed=r) for r in range(3)]
+    payloads = [codec.encode(x) for x in inputs]
+    acc = torch.zeros(4099)
+    for payload in payloads:
+        codec.decode_add(payload, 4099, acc)
+    want = (acc / 3).to(out_dtype)
+    monkeypatch.setattr(compression, "_CPU_CHUNK", 250)  # many chunks, split inside blocks
+    out = torch.full((4099,), 7.0, dtype=out_dtype)  # stale contents must not leak in
+    codec.decode_mean(payloads, 4099, out, 3)
+    assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CODECS)
 def test_error_feedback_residual(name: str, device: str) -> None:
