@@ -220,8 +220,12 @@ def split_fragments(params: list[nn.Parameter], n: int) -> list[list[nn.Paramete
 class DiLoCo(_OuterLoop):
     """DiLoCo, optionally streaming: the model travels in fragments, overlapped with compute.
 
-    ``fragments`` (N) splits the model into N slices synchronised at staggered
-    points of the outer period, so at most one slice is on the wire at a time.
+    ``fragments`` (N) splits the model into N slices and syncs one of them
+    every ``sync_every / N`` inner steps, so at most one slice is on the wire
+    at a time.  A sync carries the slice of the committed step (step mod N):
+    every group up to date is at that step, and a group that fell behind
+    learns it from the quorum, so all of them pass the collective the same
+    tensors (a failed step is retried with the same slice).
     ``sync_delay`` (tau) starts a slice's allreduce tau inner steps before its
     result is applied, hiding the communication behind those steps.  ``alpha``
     merges the new global weights with the local ones at application
