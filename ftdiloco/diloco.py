@@ -342,10 +342,12 @@ class DiLoCo(_OuterLoop):
 
         The sync stays in flight, unapplied and unvoted: ``sync()`` still
         applies it; otherwise this group is simply behind at its next quorum.
+        Leaving on an exception (Ctrl-C, say) does not wait: closing the
+        manager then abandons the sync instead of waiting out its deadline.
         """
         try:
             if self._sync_thread is not None:
-                self._sync_thread.shutdown(wait=True)
+                self._sync_thread.shutdown(wait=exc[0] is None, cancel_futures=True)
                 self._sync_thread = None
         finally:
             super().__exit__(*exc)

@@ -8,6 +8,8 @@ group's committed state identical.
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,35 @@ def test_a_kill_during_a_background_sync_rolls_back_one_fragment_and_a_restart_h
     assert [int(r["step"]) for r in late] == list(range(int(late[0]["step"]), 11))
     steps = assert_consistent(logs)
     assert all(len(h) == 1 for h in steps.values())
+
+
+def test_leaving_on_an_exception_does_not_wait_out_a_background_quorum(
+    lighthouse_url: str,
+) -> None:
+    """Ctrl-C while the sync thread waits in a quorum: exit and close return promptly."""
+
+    def config(group: str) -> Config:
+        return Config.from_env({}, lighthouse=lighthouse_url, replica_group_id=group, timeout=60.0)
+
+    models = [make_model(), make_model()]
+    opts = [optimizers(m) for m in models]
+    with Manager(config("ctrl-c")) as manager, Manager(config("silent")) as silent:
+        dilocos = [
+            DiLoCo(m, model, inner, outer, sync_every=4, fragments=2, sync_delay=1)
+            for m, model, (inner, outer) in zip((manager, silent), models, opts, strict=True)
+        ]
+        # Both take part in the first quorum; then "silent" never joins again,
+        # so the next one has no majority and would wait out its 60 s deadline.
+        other = threading.Thread(target=dilocos[1].__enter__)
+        other.start()
+        started = float("inf")
+        with pytest.raises(KeyboardInterrupt), dilocos[0]:
+            other.join(timeout=30)
+            for x in batches(2):
+                inner_step(models[0], opts[0][0], x)
+            flight = dilocos[0].in_flight
+            assert flight is not None and not flight.done.done()
+            started = time.monotonic()
+            raise KeyboardInterrupt
+        dilocos[1].__exit__(None, None, None)
+    assert time.monotonic() - started < 15
