@@ -70,10 +70,44 @@ def main() -> None:
         pairs = zip(diloco.params, diloco.backup, strict=True)
         same = all(torch.equal(p.detach(), b) for p, b in pairs)
         print(f"RESUMED {step} {state_hash(diloco)} {same}", flush=True)
+    reported: list[object] = [None]
+
+    def log_sync() -> None:
+        """One record per outer step, taken right after it (before any inner step)."""
+        nonlocal pause_at
+        report = diloco.last_sync
+        if report is None or report is reported[0]:
+            return
+        reported[0] = report
+        synced = diloco.fragments[report.fragment]
+        pairs = zip(synced.params, synced.backup, strict=True)
+        rolled_back_ok = report.committed or all(torch.equal(p.detach().cpu(), b) for p, b in pairs)
+        record = {
+            "group": manager.config.replica_group_id,
+            "rank": manager.config.rank,
+            "step": report.step,
+            "committed": report.committed,
+            "participants": report.participants,
+            "quorum_id": report.quorum_id,
+            "seconds": report.seconds,
+            "hash": state_hash(diloco),
+            "rolled_back_to_backup": rolled_back_ok,
+            "healed": report.healed,
+            "bytes_sent": report.bytes_sent,
+            "fragment": report.fragment,
+            "time": time.time(),
+        }
+        out.write(json.dumps(record) + "\n")
+        print(f"STEP {report.step}", flush=True)
+        if 0 <= pause_at <= manager.step:
+            pause_at = -1  # once
+            print("PAUSED", flush=True)
+            sys.stdin.readline()
+
     with manager, diloco:
         if manager.checkpoint_directory() is not None:
             manager.install_sigterm_handler()
-        reported = None
+        log_sync()  # the step joined on entering
         while manager.step < steps:
             if 0 <= hang_at <= manager.step and diloco.inner_steps % 4 == 3:
                 manager.allreduce = _hang  # type: ignore[method-assign]
@@ -82,35 +116,7 @@ def main() -> None:
             loss.backward()
             inner.step()
             inner.zero_grad()
-            report = diloco.last_sync
-            if report is not None and report is not reported:
-                reported = report
-                synced = diloco.fragments[report.fragment]
-                pairs = zip(synced.params, synced.backup, strict=True)
-                rolled_back_ok = report.committed or all(
-                    torch.equal(p.detach().cpu(), b) for p, b in pairs
-                )
-                record = {
-                    "group": manager.config.replica_group_id,
-                    "rank": manager.config.rank,
-                    "step": report.step,
-                    "committed": report.committed,
-                    "participants": report.participants,
-                    "quorum_id": report.quorum_id,
-                    "seconds": report.seconds,
-                    "hash": state_hash(diloco),
-                    "rolled_back_to_backup": rolled_back_ok,
-                    "healed": report.healed,
-                    "bytes_sent": report.bytes_sent,
-                    "fragment": report.fragment,
-                    "time": time.time(),
-                }
-                out.write(json.dumps(record) + "\n")
-                print(f"STEP {report.step}", flush=True)
-                if 0 <= pause_at <= manager.step:
-                    pause_at = -1  # once
-                    print("PAUSED", flush=True)
-                    sys.stdin.readline()
+            log_sync()
     print("DONE", flush=True)
 
 
