@@ -72,9 +72,16 @@ def test_survivors_commit_after_kills_between_syncs_and_mid_allreduce(tmp_path: 
     logs = [tmp_path / f"g{g}.jsonl" for g in range(3)]
     with process_pool() as procs:
         _, url = start_lighthouse(procs, "--min-replicas", "1", "--join-timeout-ms", "5000")
-        between = start_group(procs, url, 0, logs[0], WORKER_PAUSE_AT="2", WORKER_STEPS="8")
-        mid = start_group(procs, url, 1, logs[1], WORKER_HANG_AT="4", WORKER_STEPS="8")
-        survivor = start_group(procs, url, 2, logs[2], WORKER_STEPS="8")
+        together = {"WORKER_STEPS": "8", "WORKER_WAIT_START": "1"}
+        between = start_group(procs, url, 0, logs[0], WORKER_PAUSE_AT="2", **together)
+        mid = start_group(procs, url, 1, logs[1], WORKER_HANG_AT="4", **together)
+        survivor = start_group(procs, url, 2, logs[2], **together)
+        # All three alive before any joins: no group makes progress alone that
+        # a later quorum of the others would not know about.
+        for proc in (between, mid, survivor):
+            proc.wait_for("READY", timeout=60)
+        for proc in (between, mid, survivor):
+            proc.send("go")
 
         between.wait_for("PAUSED", timeout=60)
         between.kill()  # between syncs: its connection closes, the lighthouse drops it at once

@@ -15,6 +15,8 @@ FTDILOCO_*), plus test-only knobs:
   WORKER_SLOW_SERVE  when a peer heals from this group at this step or later,
                    print "SERVING" and stall before sending state (so the
                    test can kill a donor in the middle of a transfer)
+  WORKER_WAIT_START  print "READY" once connected and wait for a line on stdin
+                   before the first quorum (so a test can start groups together)
   WORKER_FRAGMENTS, WORKER_SYNC_DELAY, WORKER_COMPRESSION  streaming DiLoCo settings
 Every outer step also prints "STEP <n>" so a test can wait for progress.
 """
@@ -55,6 +57,9 @@ def main() -> None:
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     manager = Manager()
+    if os.environ.get("WORKER_WAIT_START"):
+        print("READY", flush=True)  # alive at the lighthouse, not yet joined
+        sys.stdin.readline()
     group = int(manager.config.replica_group_id) * 100 + manager.config.rank
     data = torch.Generator().manual_seed(group)
 
