@@ -196,8 +196,7 @@ class _InFlight:
     # The quorum's work and the fragment it averaged (see DiLoCo._exchange).
     done: concurrent.futures.Future[tuple[Work, _Fragment]]
     started: float
-    started_at: int  # the inner step at which it started
-    apply_at: int
+    started_at: int  # the inner step at which it started; applied sync_delay steps later
 
 
 def split_fragments(params: list[nn.Parameter], n: int) -> list[list[nn.Parameter]]:
@@ -354,7 +353,8 @@ class DiLoCo(_OuterLoop):
 
     def _after_inner_step(self, *_: object) -> None:
         self.inner_steps += 1
-        if self.in_flight is not None and self.in_flight.apply_at == self.inner_steps:
+        flight = self.in_flight
+        if flight is not None and flight.started_at + self.sync_delay == self.inner_steps:
             self._apply()
         if self.inner_steps % self.sync_every in self.slots:
             self._start(now=self.sync_delay == 0)
@@ -411,9 +411,7 @@ class DiLoCo(_OuterLoop):
                 )
             self._in_background = True
             done = self._sync_thread.submit(self._exchange, fragment, join)
-        self.in_flight = _InFlight(
-            done, started, self.inner_steps, self.inner_steps + self.sync_delay
-        )
+        self.in_flight = _InFlight(done, started, self.inner_steps)
 
     def _exchange(self, fragment: _Fragment, join: bool) -> tuple[Work, _Fragment]:
         """Join the quorum (a group that is behind heals here) and average a fragment.
