@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from lighthouse.quorum import Member, Quorum
+from lighthouse.history import HISTORY_CHARS
+from lighthouse.quorum import Fence, Member, Quorum
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
@@ -112,6 +113,9 @@ def encode_member(member: Member) -> dict[str, Any]:
         "shrink_only": member.shrink_only,
         "commit_failures": member.commit_failures,
         "data": dict(member.data),
+        "incarnation": member.incarnation,
+        "history": member.history,
+        "expected_groups": member.expected_groups,
     }
 
 
@@ -125,6 +129,9 @@ def decode_member(message: Mapping[str, Any]) -> Member:
         shrink_only=_field(message, "shrink_only", bool, False),
         commit_failures=_count(message, "commit_failures", 0, 0),
         data=_field(message, "data", dict, {}),
+        incarnation=_text(message, "incarnation", MAX_ID_LEN, ""),
+        history=_text(message, "history", HISTORY_CHARS, ""),
+        expected_groups=_count(message, "expected_groups", 0, 0),
     )
 
 
@@ -176,12 +183,55 @@ def decode_quorum(message: Mapping[str, Any]) -> QuorumInfo:
 # -- heartbeat, control -----------------------------------------------------------
 
 
-def encode_heartbeat(rid: str) -> bytes:
-    return pack({"replica_id": rid})
+@dataclass(frozen=True)
+class Liveness:
+    """What a heartbeat may say besides "alive": who is beating, and its committed state."""
+
+    incarnation: str = ""
+    # (step, history); None from clients that do not report it.
+    committed: tuple[int, str] | None = None
+
+    def encode(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"incarnation": self.incarnation}
+        if self.committed is not None:
+            fields["step"], fields["history"] = self.committed
+        return fields
 
 
-def decode_heartbeat(body: bytes) -> str:
-    return replica_id(unpack(body))
+def decode_liveness(message: Mapping[str, Any]) -> Liveness:
+    committed = None
+    if "step" in message:
+        committed = (_count(message, "step", 0), _text(message, "history", HISTORY_CHARS, ""))
+    return Liveness(_text(message, "incarnation", MAX_ID_LEN, ""), committed)
+
+
+def encode_heartbeat(rid: str, liveness: Liveness | None = None) -> bytes:
+    return pack({"replica_id": rid, **(liveness or Liveness()).encode()})
+
+
+def decode_heartbeat(body: bytes) -> tuple[str, Liveness]:
+    message = unpack(body)
+    return replica_id(message), decode_liveness(message)
+
+
+# -- the commit fence ---------------------------------------------------------------
+
+
+def encode_fence(rid: str, quorum_id: int, step: int) -> bytes:
+    return pack({"replica_id": rid, "quorum_id": quorum_id, "step": step})
+
+
+def decode_fence(body: bytes) -> tuple[str, int, int]:
+    message = unpack(body)
+    return replica_id(message), _field(message, "quorum_id", int), _count(message, "step", 0)
+
+
+def encode_fence_answer(fence: Fence) -> bytes:
+    return pack({"commit": fence.commit, "reason": fence.reason})
+
+
+def decode_fence_answer(message: Mapping[str, Any]) -> Fence:
+    return Fence(_field(message, "commit", bool), _text(message, "reason", 65536, ""))
 
 
 def encode_kill(rid: str, reason: str = "") -> bytes:

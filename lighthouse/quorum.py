@@ -13,14 +13,45 @@ previous quorum as soon as all of its members have joined again; otherwise
 ``min_replicas`` joiners and a strict majority of the live replicas are needed,
 and stragglers are waited for until ``join_timeout`` has passed since the
 first join.
+
+On top of them, the rules that keep one history (DESIGN.md, I7; see
+:mod:`lighthouse.history` for what a history is):
+
+* **no fork while the newest history lives**: the core knows the newest
+  committed step of every live replica (from its joins, its heartbeats and
+  the commits it fenced); no quorum forms unless one of its members holds
+  that step -- it waits for the holder to join, or to die.  A history whose
+  holders all died is abandoned explicitly: the quorum that continues from
+  an older state records the discarded steps (:class:`Discard`);
+* **startup**: a fresh job's first quorum waits, up to the join timeout, for
+  the number of groups the members expect (``NUM_REPLICA_GROUPS``); a
+  restarted lighthouse waits one heartbeat timeout before its first quorum,
+  so every live replica has reconnected and told its step;
+* **incarnations**: every process start has its own incarnation; a replica
+  seen with a new one was restarted, so its old incarnation is evicted, and a
+  quorum whose members' incarnations differ from the previous quorum's gets
+  a new id (no process group is reused across a restart);
+* **commit fence**: a group commits only after :meth:`QuorumCore.fence` says
+  so.  The first fence of a quorum seals it (every later fence of it says
+  yes); a quorum that lost a member, or was superseded, before it was sealed
+  can no longer commit.  So an outer step commits on all of the groups that
+  finish it or on none, and an evicted (frozen) group never commits.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from lighthouse.history import GENESIS, Reference, is_clean, is_older, next_history, reference
+
+# Sealed quorum ids remembered for late fences; a group fences within one
+# outer step of its quorum, so a few hundred covers any realistic lag.
+_SEALED_KEPT = 256
+_DISCARDS_KEPT = 100
 
 
 class EvictionCause(str, Enum):
@@ -29,6 +60,8 @@ class EvictionCause(str, Enum):
     CONNECTION_CLOSED = "connection_closed"
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"
     KILLED = "killed"
+    # The same replica id came back with a new incarnation: the old process is gone.
+    RESTARTED = "restarted"
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,12 @@ class Member:
     shrink_only: bool = False
     commit_failures: int = 0
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Unique per process start ("" from clients that do not say).
+    incarnation: str = ""
+    # Digest of the committed history that led to ``step`` (lighthouse.history).
+    history: str = GENESIS
+    # NUM_REPLICA_GROUPS as the member knows it; 0: not known.
+    expected_groups: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +107,39 @@ class Eviction:
 
 
 @dataclass(frozen=True)
+class Discard:
+    """Committed steps abandoned because every group holding them died (or was killed)."""
+
+    replica_ids: tuple[str, ...]
+    first_step: int
+    last_step: int
+    # The history abandoned, and the state the job continued from instead.
+    history: str
+    continued_from_step: int
+    quorum_id: int
+
+    def describe(self) -> str:
+        who = ", ".join(self.replica_ids)
+        steps = (
+            f"step {self.first_step}"
+            if self.first_step == self.last_step
+            else f"steps {self.first_step}-{self.last_step}"
+        )
+        return (
+            f"{who}'s {steps} discarded: no live group held them when quorum"
+            f" {self.quorum_id} formed from step {self.continued_from_step}"
+        )
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The answer to a group that asks whether it may commit its quorum's step."""
+
+    commit: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class Update:
     """The effects of one event, for the I/O layer to carry out."""
 
@@ -76,6 +148,8 @@ class Update:
     reason: str
     # Monotonic time at which ``tick`` may change the outcome, if any.
     deadline: float | None
+    # Set when the quorum formed abandons a history whose holders died.
+    discarded: Discard | None = None
 
 
 @dataclass(frozen=True)
@@ -99,16 +173,22 @@ class QuorumCore:
 
     Every event costs O(1) amortised, however many replicas there are: both
     tables are kept in time order (a heartbeat moves its replica to the end),
-    so expiry pops from the front and the next deadline is the front entry.
-    Only forming a quorum walks the members.
+    so expiry pops from the front and the next deadline is the front entry;
+    the newest committed step of the live replicas is kept as counts per
+    step.  Only forming a quorum walks the members.
 
     ``first_quorum_id`` lets the daemon start a new epoch after a restart so a
-    quorum id it handed out before is never handed out again.
+    quorum id it handed out before is never handed out again.  ``started``:
+    when the daemon started (on the events' clock); a job already under way
+    waits one heartbeat timeout from then before its first quorum here.
     """
 
-    def __init__(self, config: QuorumConfig, first_quorum_id: int = 0) -> None:
+    def __init__(
+        self, config: QuorumConfig, first_quorum_id: int = 0, started: float = float("-inf")
+    ) -> None:
         self.config = config
         self._quorum_id = first_quorum_id
+        self._started = started
         self._now = float("-inf")
         # replica id -> last time seen alive, oldest first.
         self._last_seen: dict[str, float] = {}
@@ -119,6 +199,22 @@ class QuorumCore:
         # Members of the previous quorum that have not joined again yet.
         self._prev_missing: set[str] = set()
         self._reason = "waiting: no replica has joined"
+        # Alive replicas: their incarnation, and their newest committed step
+        # as last reported (or as fenced), with counts per step for the max.
+        self._incarnations: dict[str, str] = {}
+        self._committed: dict[str, tuple[int, str]] = {}
+        self._step_counts: dict[int, int] = {}
+        self._newest = 0
+        # The newest committed state the job ever reached, and who held it.
+        self._high = Reference(0, GENESIS, ())
+        # Fencing: quorum ids whose commit was decided, and why the previous
+        # quorum may no longer commit (None: it still may).
+        self._sealed: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._broken: str | None = None
+        # The state the previous quorum continues from (its reference).
+        self._formed_from: Reference | None = None
+        self._discards: deque[Discard] = deque(maxlen=_DISCARDS_KEPT)
+        self.discarded_steps = 0
 
     # -- read-only views for /status and metrics ------------------------------
 
@@ -143,6 +239,23 @@ class QuorumCore:
         """Alive replicas and when each was last seen (expired ones are evicted)."""
         return dict(self._last_seen)
 
+    def committed(self) -> dict[str, tuple[int, str]]:
+        """Alive replicas' newest committed (step, history), as far as the core knows."""
+        return dict(self._committed)
+
+    def is_stale(self, replica_id: str, incarnation: str) -> bool:
+        """Is this an older process of a replica that has since restarted?
+
+        Its joins and heartbeats must be refused: counting them would evict
+        the newer process (ping-pong), and it holds nothing the job needs.
+        """
+        known = self._incarnations.get(replica_id)
+        return bool(incarnation and known) and is_older(incarnation, known or "")
+
+    def discards(self) -> list[Discard]:
+        """The most recent abandoned histories, oldest first."""
+        return list(self._discards)
+
     # -- events ----------------------------------------------------------------
 
     def join(self, member: Member, now: float) -> Update:
@@ -150,20 +263,37 @@ class QuorumCore:
 
         A second join from the same replica replaces the first (a retried
         request) but keeps the original join time, so retries cannot postpone
-        the join timeout for everyone else.
+        the join timeout for everyone else.  The step a join reports is the
+        replica's committed step, authoritatively.
         """
         now = self._advance(now)
         rid = member.replica_id
-        self._touch(rid, now)
+        evicted = self._see(rid, now, member.incarnation)
         earlier = self._joiners.get(rid)
         self._joiners[rid] = (member, earlier[1] if earlier is not None else now)
         self._prev_missing.discard(rid)
-        return self._evaluate(now, ())
+        if is_clean(member):
+            self._know(rid, member.step, member.history)
+        return self._evaluate(now, evicted)
 
-    def heartbeat(self, replica_id: str, now: float) -> Update:
+    def heartbeat(
+        self,
+        replica_id: str,
+        now: float,
+        *,
+        incarnation: str = "",
+        committed: tuple[int, str] | None = None,
+    ) -> Update:
+        """Proof of life, optionally with the replica's incarnation and committed step.
+
+        A heartbeat's step only ever raises what the core knows: it may have
+        been sent before a commit the core has already fenced.
+        """
         now = self._advance(now)
-        self._touch(replica_id, now)
-        return self._evaluate(now, ())
+        evicted = self._see(replica_id, now, incarnation)
+        if committed is not None and committed[0] > self._committed.get(replica_id, (-1, ""))[0]:
+            self._know(replica_id, *committed)
+        return self._evaluate(now, evicted)
 
     def withdraw(self, replica_id: str, now: float) -> Update:
         """The replica gave up waiting (its request was cancelled); it stays alive."""
@@ -181,6 +311,47 @@ class QuorumCore:
         """Timer expiry: expire silent replicas and re-check the join timeout."""
         return self._evaluate(self._advance(now), ())
 
+    def fence(self, replica_id: str, quorum_id: int, step: int, now: float) -> Fence:
+        """May ``replica_id`` commit, in quorum ``quorum_id``, the step after ``step``?
+
+        The first yes seals that formation of the quorum: from then on every
+        member gets yes, whatever happens to the others, so a step commits on
+        every group that finishes it.  Before the seal, a formation that lost
+        a member (evicted for any cause: dead, frozen past the heartbeat
+        timeout, restarted, killed) or that a newer one superseded gets no --
+        nor does a replica that is not alive -- so no group commits it.
+        Sealing also tells the core that every member now holds the next step.
+        """
+        now = self._advance(now)
+        self._expire_only(now)
+        key = (quorum_id, step)
+        if key in self._sealed:
+            return Fence(True, f"quorum {quorum_id} is committing step {step + 1}")
+        prev, ref = self._previous, self._formed_from
+        if prev is None or ref is None or (quorum_id, step) != (prev.quorum_id, ref.step):
+            current = f"{prev.quorum_id} at step {ref.step}" if prev and ref else "none"
+            return Fence(
+                False,
+                f"quorum {quorum_id} at step {step} is not the current quorum ({current}):"
+                " superseded, or formed by a lighthouse that has restarted since",
+            )
+        if self._broken is not None:
+            return Fence(
+                False, f"quorum {quorum_id} was broken before it committed: {self._broken}"
+            )
+        if replica_id not in prev.replica_ids:
+            return Fence(False, f"replica {replica_id} is not a member of quorum {quorum_id}")
+        if replica_id not in self._last_seen:
+            return Fence(False, f"replica {replica_id} was evicted; it may not commit")
+        self._sealed[key] = None
+        if len(self._sealed) > _SEALED_KEPT:
+            self._sealed.popitem(last=False)
+        after = (step + 1, next_history(ref.history, quorum_id, step + 1))
+        for rid in prev.replica_ids:
+            if rid in self._last_seen:
+                self._know(rid, *after)
+        return Fence(True, f"quorum {quorum_id} sealed by {replica_id} at step {step}")
+
     # -- bookkeeping -------------------------------------------------------------
 
     def _advance(self, now: float) -> float:
@@ -188,9 +359,40 @@ class QuorumCore:
         self._now = max(self._now, now)
         return self._now
 
-    def _touch(self, replica_id: str, now: float) -> None:
+    def _see(self, replica_id: str, now: float, incarnation: str) -> tuple[Eviction, ...]:
+        """Mark a replica alive; a new incarnation first evicts the one it replaced."""
+        evicted: tuple[Eviction, ...] = ()
+        known = self._incarnations.get(replica_id)
+        if incarnation and known and known != incarnation and not is_older(incarnation, known):
+            evicted = self._evict(replica_id, EvictionCause.RESTARTED)
+        if incarnation and not self.is_stale(replica_id, incarnation):
+            self._incarnations[replica_id] = incarnation
         self._last_seen.pop(replica_id, None)
         self._last_seen[replica_id] = now
+        return evicted
+
+    def _know(self, replica_id: str, step: int, history: str) -> None:
+        """Record a live replica's newest committed step (and keep the max current)."""
+        old = self._committed.get(replica_id)
+        if old is not None:
+            self._uncount(old[0])
+        self._committed[replica_id] = (step, history)
+        self._step_counts[step] = self._step_counts.get(step, 0) + 1
+        self._newest = max(self._newest, step)
+        high = self._high
+        if step > high.step or (step == high.step and history == high.history):
+            holders = high.holders if step == high.step else ()
+            if replica_id not in holders:
+                self._high = Reference(step, history, tuple(sorted((*holders, replica_id))))
+
+    def _uncount(self, step: int) -> None:
+        left = self._step_counts[step] - 1
+        if left:
+            self._step_counts[step] = left
+            return
+        del self._step_counts[step]
+        if step == self._newest:
+            self._newest = max(self._step_counts, default=0)
 
     def _mark_missing(self, replica_id: str) -> None:
         if self._previous is not None and replica_id in self._previous.replica_ids:
@@ -199,14 +401,22 @@ class QuorumCore:
     def _evict(self, replica_id: str, cause: EvictionCause) -> tuple[Eviction, ...]:
         seen = self._last_seen.pop(replica_id, None)
         self._joiners.pop(replica_id, None)
+        self._incarnations.pop(replica_id, None)
+        committed = self._committed.pop(replica_id, None)
+        if committed is not None:
+            self._uncount(committed[0])
         if seen is None:
             return ()
         self._mark_missing(replica_id)
         prev = self._previous
         in_quorum = prev is not None and replica_id in prev.replica_ids
+        ref = self._formed_from
+        sealed = prev is not None and ref is not None and (prev.quorum_id, ref.step) in self._sealed
+        if in_quorum and not sealed:
+            self._broken = self._broken or f"member {replica_id} was evicted ({cause.value})"
         return (Eviction(replica_id, cause, in_quorum),)
 
-    def _expire(self, now: float) -> tuple[Eviction, ...]:
+    def _expire_only(self, now: float) -> tuple[Eviction, ...]:
         limit = self.config.heartbeat_timeout
         evicted: tuple[Eviction, ...] = ()
         while self._last_seen:
@@ -219,11 +429,13 @@ class QuorumCore:
     # -- the rules ---------------------------------------------------------------
 
     def _evaluate(self, now: float, evicted: tuple[Eviction, ...]) -> Update:
-        evicted += self._expire(now)
+        evicted += self._expire_only(now)
         members, reason = self._decide(now)
         self._reason = reason
-        formed = self._form(members, now) if members is not None else None
-        return Update(formed, evicted, reason, self._deadline(now))
+        if members is None:
+            return Update(None, evicted, reason, self._deadline(now))
+        formed, discarded = self._form(members, now)
+        return Update(formed, evicted, reason, self._deadline(now), discarded)
 
     def _candidates(self) -> list[Member]:
         """The joiners in replica-id order; with shrink_only, only previous members."""
@@ -243,7 +455,7 @@ class QuorumCore:
         prev = self._previous
         if prev is not None and not self._prev_missing:
             fast = f"fast quorum: every member of quorum {prev.quorum_id} joined again ({summary})"
-            return self._candidates(), fast
+            return self._one_history(self._candidates(), fast)
         if joined < cfg.min_replicas:
             return None, f"waiting: {summary}, min_replicas is {cfg.min_replicas}"
         if joined * 2 <= alive:
@@ -251,18 +463,21 @@ class QuorumCore:
                 f"waiting: {summary}, more than half of the alive replicas must join"
                 " (split-brain guard)"
             )
+        first_join = next(iter(self._joiners.values()))[1]
+        waited = now - first_join
+        if prev is None:
+            startup = self._startup_wait(now, waited, summary)
+            if startup is not None:
+                return None, startup
         stragglers = joined < alive
-        if stragglers:
-            first_join = next(iter(self._joiners.values()))[1]
-            if now - first_join < cfg.join_timeout:
-                # Counted, not named: naming them costs O(replicas) on every
-                # event, and /status lists who has not joined.
-                waited = now - first_join
-                return None, (
-                    f"waiting: {summary}, {alive - joined} alive replicas have not joined;"
-                    f" forming without them at the join timeout"
-                    f" ({waited:.1f}/{cfg.join_timeout:g}s)"
-                )
+        if stragglers and waited < cfg.join_timeout:
+            # Counted, not named: naming them costs O(replicas) on every
+            # event, and /status lists who has not joined.
+            return None, (
+                f"waiting: {summary}, {alive - joined} alive replicas have not joined;"
+                f" forming without them at the join timeout"
+                f" ({waited:.1f}/{cfg.join_timeout:g}s)"
+            )
         candidates = self._candidates()
         if len(candidates) < cfg.min_replicas:
             return None, (
@@ -270,16 +485,65 @@ class QuorumCore:
                 f" min_replicas is {cfg.min_replicas}"
             )
         if stragglers:
-            return candidates, f"formed after the join timeout without stragglers ({summary})"
-        return candidates, f"formed: every alive replica joined ({summary})"
+            formed = f"formed after the join timeout without stragglers ({summary})"
+        else:
+            formed = f"formed: every alive replica joined ({summary})"
+        return self._one_history(candidates, formed)
 
-    def _form(self, members: list[Member], now: float) -> Quorum:
+    def _startup_wait(self, now: float, waited: float, summary: str) -> str | None:
+        """Why this lighthouse's first quorum must wait longer, if it must."""
+        joiners = [m for m, _ in self._joiners.values()]
+        expected = max(m.expected_groups for m in joiners)
+        if self._newest > 0 or any(m.step > 0 for m in joiners):
+            # A job under way: unless every group it has is back, give every
+            # live replica one heartbeat timeout to reconnect and tell its
+            # step before anything forms.
+            grace = self._started + self.config.heartbeat_timeout - now
+            if grace > 0 and not (expected and len(self._last_seen) >= expected):
+                return (
+                    f"waiting: {summary}, the lighthouse started"
+                    f" {now - self._started:.1f}s ago; every live replica gets"
+                    f" {self.config.heartbeat_timeout:g}s to reconnect first"
+                )
+            return None
+        if len(joiners) < expected and waited < self.config.join_timeout:
+            return (
+                f"waiting: {summary}, a new job's first quorum waits for the"
+                f" {expected} groups of NUM_REPLICA_GROUPS"
+                f" ({waited:.1f}/{self.config.join_timeout:g}s)"
+            )
+        return None
+
+    def _one_history(
+        self, candidates: list[Member], formed: str
+    ) -> tuple[list[Member] | None, str]:
+        """Form only if no live replica outside holds a newer committed step."""
+        ref = reference(candidates)
+        if ref is None or ref.step >= self._newest:
+            return candidates, formed
+        joined = {m.replica_id for m in candidates}
+        holders = sorted(
+            rid
+            for rid, (step, _) in self._committed.items()
+            if step == self._newest and rid not in joined
+        )
+        return None, (
+            f"waiting: {', '.join(holders)} holds committed step {self._newest}, newer than"
+            f" every joiner's ({ref.step}); forming without it would fork the history,"
+            " so the quorum waits for it to join or to be lost (POST /v1/kill abandons its steps)"
+        )
+
+    def _form(self, members: list[Member], now: float) -> tuple[Quorum, Discard | None]:
         ids = tuple(m.replica_id for m in members)
         prev = self._previous
         failures = any(m.commit_failures > 0 for m in members)
-        if prev is None or prev.replica_ids != ids or failures:
+        if prev is None or prev.replica_ids != ids or failures or self._restarted(prev, members):
             self._quorum_id += 1
         quorum = Quorum(self._quorum_id, tuple(members), now)
+        # A new formation: whatever of the previous one was not sealed can no
+        # longer commit (its fences no longer match), and nothing broke this one yet.
+        self._broken = None
+        self._formed_from = reference(members)
         self._previous = quorum
         self._prev_missing = set(ids)
         for rid in ids:
@@ -287,7 +551,32 @@ class QuorumCore:
         # Joiners left out (shrink_only) wait for the next quorum; its join
         # timeout counts from now, not from their first attempt.
         self._joiners = {rid: (m, now) for rid, (m, _) in self._joiners.items()}
-        return quorum
+        return quorum, self._abandon(quorum)
+
+    @staticmethod
+    def _restarted(prev: Quorum, members: list[Member]) -> bool:
+        """Did any member restart since the previous quorum (a new incarnation)?"""
+        before = {m.replica_id: m.incarnation for m in prev.members}
+        return any(before.get(m.replica_id, m.incarnation) != m.incarnation for m in members)
+
+    def _abandon(self, quorum: Quorum) -> Discard | None:
+        """Record the newest history the job reached, if this quorum leaves it behind.
+
+        The no-fork rule lets that happen only when no live replica holds it
+        (or, at one step, by the reference rule between two histories).
+        """
+        ref, high = self._formed_from, self._high
+        if ref is None or (ref.step, ref.history) == (high.step, high.history):
+            return None
+        if ref.step > high.step:  # every joiner is known, so not expected; stay correct
+            self._high = ref
+            return None
+        first = ref.step + 1 if ref.step < high.step else high.step
+        discard = Discard(high.holders, first, high.step, high.history, ref.step, quorum.quorum_id)
+        self._discards.append(discard)
+        self.discarded_steps += high.step - first + 1
+        self._high = ref
+        return discard
 
     def _deadline(self, now: float) -> float | None:
         """The earliest time at which a tick could change anything."""
@@ -296,6 +585,9 @@ class QuorumCore:
             times.append(next(iter(self._last_seen.values())) + self.config.heartbeat_timeout)
         if self._joiners:
             join_deadline = next(iter(self._joiners.values()))[1] + self.config.join_timeout
+            grace = self._started + self.config.heartbeat_timeout
+            if self._previous is None and grace > now:
+                times.append(grace)
             if join_deadline > now:
                 times.append(join_deadline)
             elif self._decide(now)[0] is not None:

@@ -58,7 +58,9 @@ _LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 # Refusals that are part of normal operation, logged at info rather than warning.
-_ROUTINE_REFUSALS = frozenset({"timeout", "superseded", "evicted", "shutting_down"})
+_ROUTINE_REFUSALS = frozenset(
+    {"timeout", "superseded", "evicted", "shutting_down", "stale_incarnation"}
+)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,16 @@ class _Metrics:
         self.joins = Counter(
             "lighthouse_join_requests", "Join requests received.", registry=self.registry
         )
+        self.discarded = Counter(
+            "lighthouse_steps_discarded",
+            "Committed steps abandoned because every group holding them died.",
+            registry=self.registry,
+        )
+        self.fences = Counter(
+            "lighthouse_fences", "Commit fences answered.", ["commit"], registry=self.registry
+        )
+        for answer in ("true", "false"):
+            self.fences.labels(answer)
 
 
 def _refusal(status: int, code: str, message: str) -> web.Response:
@@ -287,6 +299,10 @@ class LighthouseServer:
         """Listen on host:port (0: any free port) and return the URL actually bound."""
         self._loop = asyncio.get_running_loop()
         sock = _bind(host, port)  # first: a busy port leaves nothing to clean up
+        # Started now: a job under way gives its replicas time to reconnect.
+        self.core = QuorumCore(
+            self.config.quorum_config(), first_quorum_id=self.epoch, started=self._loop.time()
+        )
         self._dashboard = (
             importlib.resources.files("lighthouse").joinpath("dashboard.html").read_bytes()
         )
@@ -295,6 +311,7 @@ class LighthouseServer:
         )
         app.router.add_post("/v1/join", self._join)
         app.router.add_post("/v1/heartbeat", self._heartbeat)
+        app.router.add_post("/v1/fence", self._fence)
         app.router.add_get("/v1/ws", self._websocket)
         app.router.add_post("/v1/kill", self._kill)
         app.router.add_post("/v1/shutdown", self._shutdown)
@@ -356,6 +373,10 @@ class LighthouseServer:
             self._evicted(eviction, before)
         if update.formed is not None:
             self._release(update.formed, update.reason)
+        if update.discarded is not None:
+            discard = update.discarded
+            self._metrics.discarded.inc(discard.last_step - discard.first_step + 1)
+            _log.warning("history abandoned", detail=discard.describe())
         self._schedule(update)
         return update
 
@@ -493,6 +514,7 @@ class LighthouseServer:
         # Checked here, with no await before registering, so stop() cannot miss it.
         self._refuse_if_stopping()
         rid = member.replica_id
+        self._refuse_if_stale(rid, member.incarnation)
         if rid in self._waiters:
             self._resolve(
                 rid,
@@ -513,11 +535,41 @@ class LighthouseServer:
                 self._drive(lambda now: self.core.withdraw(rid, now))
         return future.result()
 
+    def _refuse_if_stale(self, rid: str, incarnation: str) -> None:
+        if self.core.is_stale(rid, incarnation):
+            raise _HttpError(
+                409,
+                "stale_incarnation",
+                f"replica {rid} has restarted since incarnation {incarnation} started;"
+                " this process is a leftover and may not take part",
+                replica=rid,
+            )
+
+    def _beat(self, rid: str, liveness: protocol.Liveness) -> None:
+        self._drive(
+            lambda now: self.core.heartbeat(
+                rid, now, incarnation=liveness.incarnation, committed=liveness.committed
+            )
+        )
+
     async def _heartbeat(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        rid = protocol.decode_heartbeat(await self._read_body(request))
-        self._drive(lambda now: self.core.heartbeat(rid, now))
+        rid, liveness = protocol.decode_heartbeat(await self._read_body(request))
+        self._refuse_if_stale(rid, liveness.incarnation)
+        self._beat(rid, liveness)
         return _msgpack(protocol.pack({"ok": True}))
+
+    async def _fence(self, request: web.Request) -> web.Response:
+        """``POST /v1/fence``: may this replica commit its quorum's step? (Always 200.)"""
+        self._authorize(request)
+        rid, quorum_id, step = protocol.decode_fence(await self._read_body(request))
+        fence = self.core.fence(rid, quorum_id, step, self._loop.time())
+        self._metrics.fences.labels("true" if fence.commit else "false").inc()
+        if not fence.commit:
+            _log.warning("commit refused", replica=rid, quorum_id=quorum_id, reason=fence.reason)
+        # A fence may have expired silent replicas: keep the timer right.
+        self._drive(self.core.tick)
+        return _msgpack(protocol.encode_fence_answer(fence))
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         self._authorize(request)
@@ -525,6 +577,8 @@ class LighthouseServer:
         if "replica_id" not in request.query:
             raise _HttpError(400, "bad_request", "missing query parameter 'replica_id'")
         rid = protocol.replica_id({"replica_id": request.query["replica_id"]})
+        first = protocol.decode_liveness({"incarnation": request.query.get("incarnation", "")})
+        self._refuse_if_stale(rid, first.incarnation)
         with self._slot():
             ws = web.WebSocketResponse(
                 max_msg_size=WS_MAX_FRAME_BYTES,
@@ -542,7 +596,7 @@ class LighthouseServer:
             self._connections.add(conn)
             self._sockets[rid] = conn
             try:
-                self._drive(lambda now: self.core.heartbeat(rid, now))
+                self._beat(rid, first)
                 await self._receive(conn, request.remote)
             finally:
                 self._disconnected(conn)
@@ -557,13 +611,15 @@ class LighthouseServer:
             try:
                 if msg.type is not WSMsgType.BINARY:
                     raise protocol.ProtocolError("frames must be binary msgpack")
-                protocol.unpack(msg.data)
+                liveness = protocol.decode_liveness(protocol.unpack(msg.data))
+                if self.core.is_stale(rid, liveness.incarnation):
+                    raise protocol.ProtocolError(f"replica {rid} has restarted; stale incarnation")
             except protocol.ProtocolError as e:
                 _log.warning("websocket frame refused", replica=rid, error=str(e), peer=peer)
                 reason = str(e).encode()[:_CLOSE_REASON_BYTES].decode(errors="ignore").encode()
                 await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
                 return
-            self._drive(lambda now: self.core.heartbeat(rid, now))
+            self._beat(rid, liveness)
 
     def _disconnected(self, conn: _Connection) -> None:
         """A closed socket kills its replica at once, unless a newer one took over."""
@@ -611,6 +667,7 @@ class LighthouseServer:
         max_step = max((m.step for m in in_quorum.values()), default=0)
         joiners = self.core.joiners()
         seen = self.core.last_seen()
+        committed = self.core.committed()
         replicas = []
         for rid in sorted(seen.keys() | in_quorum.keys() | self._sockets.keys()):
             latest = joiners[rid][0] if rid in joiners else in_quorum.get(rid)
@@ -623,6 +680,9 @@ class LighthouseServer:
                     "step": latest.step if latest is not None else None,
                     "address": latest.address if latest is not None else None,
                     "recovering": rid in in_quorum and in_quorum[rid].step < max_step,
+                    "committed_step": committed[rid][0] if rid in committed else None,
+                    "history": committed[rid][1] if rid in committed else None,
+                    "incarnation": latest.incarnation if latest is not None else None,
                 }
             )
         return {
@@ -646,6 +706,18 @@ class LighthouseServer:
                 for rid, (m, joined) in joiners.items()
             ],
             "replicas": replicas,
+            "discarded_steps": self.core.discarded_steps,
+            "discarded": [
+                {
+                    "replica_ids": list(d.replica_ids),
+                    "first_step": d.first_step,
+                    "last_step": d.last_step,
+                    "continued_from_step": d.continued_from_step,
+                    "quorum_id": d.quorum_id,
+                    "text": d.describe(),
+                }
+                for d in self.core.discards()
+            ],
             "connections": {"open": self._open, "limit": self.config.max_connections},
             "config": self.config.public(),
         }

@@ -155,7 +155,7 @@ async def test_bad_http_and_unknown_routes_get_4xx(session, server):
 
 
 async def test_an_unexpected_error_gets_500_with_a_message(session, server, monkeypatch):
-    def broken(rid: str, now: float) -> None:
+    def broken(rid: str, now: float, **liveness: object) -> None:
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(server.core, "heartbeat", broken)

@@ -588,6 +588,8 @@ class QuorumMachine(RuleBasedStateMachine):
         self.core: QuorumCore
         self.seen: dict[str, float] = {}
         self.pending: dict[str, tuple[Member, float]] = {}
+        # Alive replicas' committed step, as their latest join said.
+        self.known: dict[str, int] = {}
         self.previous: Quorum | None = None
         self.now = -math.inf
         self.last_id = 0
@@ -629,7 +631,8 @@ class QuorumMachine(RuleBasedStateMachine):
         shrinking = has_prev and any(m.shrink_only for m, _ in self.pending.values())
         eligible = tuple(sorted(r for r in joined if not shrinking or r in prev))
         if has_prev and prev <= joined:
-            return eligible, True
+            formed = self.one_history(eligible)
+            return formed, formed is not None
         if len(joined) < cfg.min_replicas:
             return None, False
         if not len(joined) > len(alive) / 2:
@@ -639,7 +642,13 @@ class QuorumMachine(RuleBasedStateMachine):
             return None, False
         if len(eligible) < cfg.min_replicas:
             return None, False
-        return eligible, False
+        return self.one_history(eligible), False
+
+    def one_history(self, eligible: tuple[str, ...]) -> tuple[str, ...] | None:
+        """No quorum continues from an older step than a live replica holds."""
+        newest = max((s for r, s in self.known.items() if r in self.seen), default=0)
+        reached = max((self.pending[r][0].step for r in eligible), default=0)
+        return eligible if reached >= newest else None
 
     # -- one event ------------------------------------------------------------------------------
 
@@ -663,6 +672,7 @@ class QuorumMachine(RuleBasedStateMachine):
             self.seen[rid] = t
             first = self.pending[rid][1] if rid in self.pending else t
             self.pending[rid] = (member, first)
+            self.known[rid] = member.step
             update = self.core.join(member, sent)
         elif call == "heartbeat":
             assert rid is not None
@@ -678,6 +688,7 @@ class QuorumMachine(RuleBasedStateMachine):
                 expected_evictions[rid] = cause
                 del self.seen[rid]
             self.pending.pop(rid, None)
+            self.known.pop(rid, None)
             update = self.core.lost(rid, sent, cause)
         else:
             update = self.core.tick(sent)
@@ -688,6 +699,7 @@ class QuorumMachine(RuleBasedStateMachine):
                 expected_evictions[r] = EvictionCause.HEARTBEAT_TIMEOUT
                 del self.seen[r]
                 self.pending.pop(r, None)
+                self.known.pop(r, None)
 
         # Evictions: exactly the lost replica (if known) and the silent ones, each once.
         got = [(e.replica_id, e.cause) for e in update.evicted]

@@ -239,8 +239,12 @@ async def test_status_dashboard_and_metrics_describe_the_quorum(lighthouses, ses
     formed = quorum_of(
         (
             await asyncio.gather(
-                join(session, server.url, "ahead", step=7, address="http://ahead"),
-                join(session, server.url, "behind", step=5),
+                # A job under way on a fresh lighthouse: with every group
+                # it expects back, nothing waits for stragglers to reconnect.
+                join(
+                    session, server.url, "ahead", step=7, address="http://ahead", expected_groups=2
+                ),
+                join(session, server.url, "behind", step=5, expected_groups=2),
             )
         )[0]
     )
