@@ -1,7 +1,10 @@
 """Real processes for integration tests: started here, ended here, by PID.
 
 Each child's output is read on a thread into a queue so a test can await a
-line ("listening on", "HANGING") with a deadline instead of sleeping.
+line ("listening on", "IN_COLLECTIVE") with a deadline instead of sleeping;
+every line is also kept with the wall-clock time it arrived, so a test can
+time events from the outside.  Signals go to one PID each: SIGKILL, SIGSTOP
+and SIGCONT (``kill``, ``freeze``, ``thaw``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +30,8 @@ class Proc:
         self.name = name
         self.lines: queue.Queue[str | None] = queue.Queue()  # None: the output ended
         self.output: list[str] = []
+        self.stamped: list[tuple[float, str]] = []  # (time.time() on arrival, line)
+        self.started = time.time()
         self.popen = subprocess.Popen(
             args,
             cwd=ROOT,
@@ -41,6 +46,7 @@ class Proc:
     def _read(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
+            self.stamped.append((time.time(), line))
             self.output.append(line)
             self.lines.put(line)
         self.lines.put(None)
@@ -51,12 +57,19 @@ class Proc:
 
     def wait_for(self, text: str, timeout: float) -> str:
         """The first (not yet consumed) line containing ``text``."""
+        return self.wait_line(lambda line: text in line, timeout, repr(text))
+
+    def wait_line(
+        self, match: Callable[[str], bool], timeout: float, what: str = "the line awaited"
+    ) -> str:
+        """The first (not yet consumed) line for which ``match`` is true."""
+        text = what
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"{self.name}: no line with {text!r} in {timeout}s:\n{self.tail()}"
+                    f"{self.name}: no line with {text} in {timeout}s:\n{self.tail()}"
                 )
             try:
                 line = self.lines.get(timeout=remaining)
@@ -65,9 +78,9 @@ class Proc:
             if line is None:
                 self.lines.put(None)
                 code = self.popen.wait()
-                msg = f"{self.name} exited ({code}) before printing {text!r}:\n{self.tail()}"
+                msg = f"{self.name} exited ({code}) before printing {text}:\n{self.tail()}"
                 raise EOFError(msg)
-            if text in line:
+            if match(line):
                 return line
 
     def send(self, line: str) -> None:
@@ -76,10 +89,27 @@ class Proc:
         self.popen.stdin.flush()
 
     def kill(self) -> None:
-        """SIGKILL: the process gets no chance to say goodbye."""
+        """SIGKILL: the process gets no chance to say goodbye (a frozen one dies too)."""
         if self.popen.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=30)
+
+    def freeze(self) -> None:
+        """SIGSTOP: alive, sockets open, but it runs nothing until ``thaw``."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def lines_since(self, when: float) -> list[str]:
+        """Every line that arrived at or after ``when`` (time.time())."""
+        return [line for t, line in list(self.stamped) if t >= when]
 
     def wait(self, timeout: float) -> int:
         return self.popen.wait(timeout=timeout)
@@ -89,14 +119,23 @@ class Proc:
 
 
 @contextmanager
-def process_pool() -> Iterator[list[Proc]]:
-    """Every process a test starts goes in here; all are killed at the end."""
+def process_pool(save_to: Path | None = None) -> Iterator[list[Proc]]:
+    """Every process a test starts goes in here; all are killed at the end.
+
+    With ``save_to``, each process's output (with arrival times) is written
+    there as ``<name>-<pid>.log`` for a post-mortem.
+    """
     procs: list[Proc] = []
     try:
         yield procs
     finally:
         for proc in procs:
             proc.kill()
+        if save_to is not None:
+            save_to.mkdir(parents=True, exist_ok=True)
+            for proc in procs:
+                lines = [f"{t:.3f} {line}" for t, line in list(proc.stamped)]
+                (save_to / f"{proc.name}-{proc.pid}.log").write_text("".join(lines))
 
 
 def free_port() -> int:

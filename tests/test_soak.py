@@ -22,10 +22,14 @@ GROUPS = 3
 KILLS = 6
 
 
+def _committed(line: str) -> bool:
+    return line.startswith("STEP ") and line.split()[2:3] == ["committed"]
+
+
 def committed_step(proc: Proc) -> int:
     """The next step above 0 the group reports: it healed (or trained) and committed."""
     while True:
-        step = int(proc.wait_for("STEP", timeout=120).split()[-1])
+        step = int(proc.wait_line(_committed, timeout=120).split()[1])
         if step > 0:
             return step
 

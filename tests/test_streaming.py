@@ -256,8 +256,10 @@ def test_a_kill_during_a_background_sync_rolls_back_one_fragment_and_a_restart_h
         # Two groups or none: the survivor waits for the restarted group.
         _, url = start_lighthouse(procs, "--min-replicas", "2")
         survivor = start_group(procs, url, 0, logs[0], WORKER_STEPS="10", **STREAMING)
-        doomed = start_group(procs, url, 1, logs[1], WORKER_HANG_AT="3", **STREAMING)
-        doomed.wait_for("HANGING", timeout=60)  # on its sync thread, inside the allreduce
+        doomed = start_group(procs, url, 1, logs[1], WORKER_ENTER_LATE_AT="3:3600", **STREAMING)
+        doomed.wait_for("ENTERING_LATE step=3", timeout=60)  # on its sync thread
+        # The survivor issued the collective and is blocked in it, waiting for the doomed.
+        survivor.wait_for("IN_COLLECTIVE step=3", timeout=30)
         doomed.kill()
         restarted = start_group(procs, url, 2, logs[2], WORKER_STEPS="10", **STREAMING)
         for proc in (survivor, restarted):

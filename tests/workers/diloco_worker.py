@@ -1,24 +1,39 @@
 """A replica-group process for the integration tests: DiLoCo on a tiny model.
 
 Configured like any training script (torchrun's variables, REPLICA_GROUP_ID,
-FTDILOCO_*), plus test-only knobs:
+FTDILOCO_*), plus test-only knobs, each injecting exactly the fault it names:
   WORKER_LOG       JSONL file: one record per outer step (step, committed,
-                   participants, hash of the global weights and outer state)
+                   participants, hash of the global weights and outer state,
+                   pid, incarnation, history)
   WORKER_STEPS     stop after this many committed outer steps
   WORKER_RESUME    first resume from FTDILOCO_CHECKPOINT_DIR and print
                    "RESUMED <step> <hash> <params equal backup>" (step -1: none);
                    with that directory set, SIGTERM saves and exits
-  WORKER_HANG_AT   at this manager step, stop before the allreduce, print
-                   "HANGING" and wait to be killed (so peers are mid-allreduce)
+  WORKER_ENTER_LATE_AT  "<step>:<seconds>": at that manager step, print
+                   "ENTERING_LATE step=<n>" and sleep that long before issuing
+                   the cross-group collective, so every peer is blocked inside
+                   it, waiting for this group
+  WORKER_SLOW_VOTE_AT  "<step>:<seconds>": at that manager step, print
+                   "SLOW_VOTE step=<n>" and sleep that long before the commit
+                   vote (an outer step that outlasts the join timeout)
   WORKER_PAUSE_AT  at this manager step, print "PAUSED" between syncs and wait
-                   for a line on stdin (so the test can kill it between syncs)
+                   for a line on stdin (alive and heartbeating, not joining)
   WORKER_SLOW_SERVE  when a peer heals from this group at this step or later,
                    print "SERVING" and stall before sending state (so the
                    test can kill a donor in the middle of a transfer)
   WORKER_WAIT_START  print "READY" once connected and wait for a line on stdin
                    before the first quorum (so a test can start groups together)
   WORKER_FRAGMENTS, WORKER_SYNC_DELAY, WORKER_COMPRESSION  streaming DiLoCo settings
-Every outer step also prints "STEP <n>" so a test can wait for progress.
+
+Every cross-group collective is traced from inside the process group the
+manager builds (``ftdiloco.process_group.connect`` is wrapped): once the real
+collective is issued the worker prints "IN_COLLECTIVE step=<n>", and when its
+wait returns "COLLECTIVE_DONE step=<n>" (or "COLLECTIVE_FAILED step=<n>").  A
+test that sees a group's IN_COLLECTIVE with no COLLECTIVE_DONE after it knows
+that group is blocked inside gloo.
+
+Every outer step prints "STEP <n> committed" or "STEP <n> rolled_back" (n: the
+manager's step after the vote) so a test can wait for progress.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftdiloco import process_group
 from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
 from ftdiloco.manager import Manager
 from ftdiloco.transport import StateServer
@@ -43,22 +59,124 @@ def state_hash(diloco: DiLoCo) -> str:
     return tensors_hash([*diloco.backup, *(outer[k] for k in sorted(outer))])
 
 
+def at_step(variable: str) -> tuple[int, float] | None:
+    """``"<step>:<seconds>"`` from the environment, or None."""
+    raw = os.environ.get(variable)
+    if not raw:
+        return None
+    step, seconds = raw.split(":")
+    return int(step), float(seconds)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+class _TracedWork:
+    """The real collective's work; says when its wait returns."""
+
+    def __init__(self, work: Any, step: int) -> None:
+        self._work = work
+        self._step = step
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = self._work.wait(*args, **kwargs)
+        except BaseException:
+            say(f"COLLECTIVE_FAILED step={self._step}")
+            raise
+        say(f"COLLECTIVE_DONE step={self._step}")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
+class _TracedGroup:
+    """The process group the manager built, with its collectives traced."""
+
+    def __init__(
+        self, pg: Any, manager: list[Manager], enter_late: list[tuple[int, float]]
+    ) -> None:
+        self._pg = pg
+        self._manager = manager
+        self._enter_late = enter_late
+
+    def _step(self) -> int:
+        return self._manager[0].step if self._manager else -1
+
+    def _issue(self, kind: str, call: Any) -> _TracedWork:
+        step = self._step()
+        if self._enter_late and self._enter_late[0][0] == step:
+            _, seconds = self._enter_late.pop()
+            say(f"ENTERING_LATE step={step}")
+            time.sleep(seconds)
+        work = call()
+        say(f"IN_COLLECTIVE step={step} kind={kind}")
+        return _TracedWork(work, step)
+
+    def allreduce(self, tensors: Any, *args: Any) -> _TracedWork:
+        return self._issue("allreduce", lambda: self._pg.allreduce(tensors, *args))
+
+    def allgather(self, output_tensors: Any, input_tensors: Any, *args: Any) -> _TracedWork:
+        return self._issue(
+            "allgather", lambda: self._pg.allgather(output_tensors, input_tensors, *args)
+        )
+
+    def abort(self) -> None:
+        self._pg.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pg, name)
+
+
+def _trace_collectives(manager: list[Manager]) -> None:
+    real_connect = process_group.connect
+    late = at_step("WORKER_ENTER_LATE_AT")
+    enter_late = [late] if late is not None else []
+
+    def connect(**kwargs: Any) -> Any:
+        return _TracedGroup(real_connect(**kwargs), manager, enter_late)
+
+    process_group.connect = connect  # the manager calls it through the module
+
+
+def _slow_vote(manager: Manager) -> None:
+    slow = at_step("WORKER_SLOW_VOTE_AT")
+    if slow is None:
+        return
+    vote = manager.should_commit
+    pending = [slow]
+
+    def should_commit() -> bool:
+        if pending and pending[0][0] == manager.step:
+            _, seconds = pending.pop()
+            say(f"SLOW_VOTE step={manager.step}")
+            time.sleep(seconds)
+        return vote()
+
+    manager.should_commit = should_commit  # type: ignore[method-assign]
+
+
 def main() -> None:
     logs.configure("json")
     steps = int(os.environ.get("WORKER_STEPS", "6"))
-    hang_at = int(os.environ.get("WORKER_HANG_AT", "-1"))
     pause_at = int(os.environ.get("WORKER_PAUSE_AT", "-1"))
     out = open(os.environ["WORKER_LOG"], "a", buffering=1)  # noqa: SIM115
     if os.environ.get("WORKER_SLOW_SERVE"):
         _stall_heal_serving(int(os.environ["WORKER_SLOW_SERVE"]))
+    manager_ref: list[Manager] = []
+    _trace_collectives(manager_ref)
 
     torch.manual_seed(0)  # every group starts from the same weights
     model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     manager = Manager()
+    manager_ref.append(manager)
+    _slow_vote(manager)
     if os.environ.get("WORKER_WAIT_START"):
-        print("READY", flush=True)  # alive at the lighthouse, not yet joined
+        say("READY")  # alive at the lighthouse, not yet joined
         sys.stdin.readline()
     group = int(manager.config.replica_group_id) * 100 + manager.config.rank
     data = torch.Generator().manual_seed(group)
@@ -74,7 +192,7 @@ def main() -> None:
         step = manager.step if manager.resume() else -1
         pairs = zip(diloco.params, diloco.backup, strict=True)
         same = all(torch.equal(p.detach(), b) for p, b in pairs)
-        print(f"RESUMED {step} {state_hash(diloco)} {same}", flush=True)
+        say(f"RESUMED {step} {state_hash(diloco)} {same}")
     reported: list[object] = [None]
 
     def log_sync() -> None:
@@ -90,6 +208,9 @@ def main() -> None:
         record = {
             "group": manager.config.replica_group_id,
             "rank": manager.config.rank,
+            "pid": os.getpid(),
+            "incarnation": getattr(manager, "incarnation", str(os.getpid())),
+            "history": getattr(manager, "history", None),
             "step": report.step,
             "committed": report.committed,
             "participants": report.participants,
@@ -102,11 +223,11 @@ def main() -> None:
             "fragment": report.fragment,
             "time": time.time(),
         }
-        out.write(json.dumps(record) + "\n")
-        print(f"STEP {report.step}", flush=True)
+        out.write(json.dumps(record, default=str) + "\n")
+        say(f"STEP {report.step} {'committed' if report.committed else 'rolled_back'}")
         if 0 <= pause_at <= manager.step:
             pause_at = -1  # once
-            print("PAUSED", flush=True)
+            say("PAUSED")
             sys.stdin.readline()
 
     with manager, diloco:
@@ -114,15 +235,13 @@ def main() -> None:
             manager.install_sigterm_handler()
         log_sync()  # the step joined on entering
         while manager.step < steps:
-            if 0 <= hang_at <= manager.step and diloco.inner_steps % 4 == 3:
-                manager.allreduce = _hang  # type: ignore[method-assign]
             x = torch.randn(16, 32, generator=data)
             loss = (model(x) - x[:, :8]).pow(2).mean()
             loss.backward()
             inner.step()
             inner.zero_grad()
             log_sync()
-    print("DONE", flush=True)
+    say("DONE")
 
 
 def _stall_heal_serving(from_step: int) -> None:
@@ -130,17 +249,11 @@ def _stall_heal_serving(from_step: int) -> None:
 
     def stalled(self: StateServer, publication: Any, *args: Any) -> bool:
         if publication.step >= from_step:
-            print("SERVING", flush=True)
+            say("SERVING")
             time.sleep(3600)
         return copy_chunk(self, publication, *args)
 
     StateServer._copy_chunk = stalled  # type: ignore[method-assign]
-
-
-def _hang(*_: object, **__: object) -> object:
-    print("HANGING", flush=True)
-    while True:
-        time.sleep(3600)
 
 
 if __name__ == "__main__":
