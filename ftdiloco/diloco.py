@@ -448,6 +448,9 @@ class DiLoCo(_OuterLoop):
         finally:
             self._in_background = False
         waited = time.perf_counter() - waiting
+        if work.abandoned:
+            # The backend may still write into these buffers: never reuse them.
+            fragment.flats, fragment.pseudo = _flat_views(fragment.params)
         if self._healed_sync_point is not None:
             # A heal on the sync thread: run on from the donors' weights and schedule.
             healed, self._healed_sync_point = self._healed_sync_point, None
@@ -528,8 +531,12 @@ class LocalSGD(_OuterLoop):
             for view, p in zip(self._views, self.params, strict=True):
                 view.copy_(p)
         waiting = time.perf_counter()
-        self.manager.allreduce(self._flats).wait()
+        work = self.manager.allreduce(self._flats)
+        work.wait()
         waited = time.perf_counter() - waiting
+        if work.abandoned:
+            # The backend may still write into these buffers: never reuse them.
+            self._flats, self._views = _flat_views(self.params)
         committed = self.manager.should_commit()
         if committed:
             _copy_all(self.params, self._views)

@@ -54,6 +54,7 @@ from ftdiloco.transport import HealError, StateServer, fetch_state
 from lighthouse import protocol
 from lighthouse.background import BackgroundLoop
 from lighthouse.client import AsyncLighthouseClient, LivenessLink
+from lighthouse.history import GENESIS, new_incarnation, next_history
 from lighthouse.quorum import Member, Quorum
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,10 @@ class Work:
         self._ok: bool | None = None
         # Payload bytes this group sent, when the exchange knows them.
         self.nbytes: int | None = None
+        # True when the wait was given up while the collective still ran: a
+        # thread of the aborted backend may yet write into the tensors, so the
+        # caller must not reuse them (DiLoCo takes fresh buffers).
+        self.abandoned = False
 
     def wait(self) -> bool:
         if self._ok is None:
@@ -112,12 +117,20 @@ class Manager:
         self.group_rank = cfg.rank
         self.group_size = cfg.world_size
         self._log = log.bind(replica=cfg.replica_id, group_rank=cfg.rank)
-        self._step = 0
+        # One per process start: the lighthouse tells a restart from a
+        # retry by it, and never reuses a process group across one.
+        self.incarnation = new_incarnation()
+        # The committed step and the history that led to it, replaced as one
+        # pair (the liveness thread reads it).
+        self._committed: tuple[int, str] = (0, GENESIS)
         self._commit_failures = 0
         self._rounds = 0
         self._plan: QuorumPlan | None = None
         self._pg: process_group.CrossGroup | None = None
         self._pg_quorum_id: int | None = None
+        # Process groups aborted in the background (see _drop_process_group),
+        # kept so that they are destroyed on this thread, not on the abort's.
+        self._aborts: list[tuple[process_group.CrossGroup, concurrent.futures.Future[None]]] = []
         self._error: BaseException | None = None
         self._abort: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._states: dict[str, _State] = {}
@@ -143,7 +156,12 @@ class Manager:
     @property
     def step(self) -> int:
         """Outer steps committed so far (after a heal: the donors' step)."""
-        return self._step
+        return self._committed[0]
+
+    @property
+    def history(self) -> str:
+        """Identity of the committed history behind :attr:`step` (lighthouse.history)."""
+        return self._committed[1]
 
     @property
     def plan(self) -> QuorumPlan | None:
@@ -171,7 +189,7 @@ class Manager:
         """Fail the current outer step (the vote will say no)."""
         if self._error is None:
             self._error = error
-            self._log.warning("outer step failed", step=self._step, error=repr(error))
+            self._log.warning("outer step failed", step=self.step, error=repr(error))
 
     def start_quorum(self) -> QuorumPlan | None:
         """Join this outer step's quorum; on return the group may allreduce."""
@@ -181,7 +199,7 @@ class Manager:
         started = time.perf_counter()
         if not self._dirty and self._states:
             # Until the commit nothing changes this state: a peer may copy it.
-            self._state_server.publish(self._step, self._state_tensors())
+            self._state_server.publish(self.step, self._state_tensors())
         try:
             quorum = self._round("quorum", self._quorum_contribution())["quorum"]
             info = protocol.decode_quorum(quorum)
@@ -206,7 +224,7 @@ class Manager:
             quorum_id=plan.quorum_id,
             participants=plan.replica_world_size,
             replica_rank=plan.replica_rank,
-            step=self._step,
+            step=self.step,
             max_step=plan.max_step,
             healed=plan.heal,
             seconds=round(time.perf_counter() - started, 4),
@@ -267,8 +285,7 @@ class Manager:
                 for t, summed in parts:
                     _serially(lambda out, src: torch.div(src, contributors, out=out), t, summed)
 
-        future = _start_thread(finish, "allreduce")
-        return Work(lambda: self._finish(future))
+        return self._work(_start_thread(finish, "allreduce"))
 
     def _allreduce_coded(
         self,
@@ -301,30 +318,40 @@ class Manager:
             for exchange in pending:
                 exchange.wait()
 
-        future = _start_thread(finish, "allreduce")
-        work = Work(lambda: self._finish(future))
+        work = self._work(_start_thread(finish, "allreduce"))
         work.nbytes = sum(exchange.nbytes for exchange in pending)
         return work
 
     def should_commit(self) -> bool:
-        """The group's vote: commit only if every rank succeeded and enough groups took part."""
+        """The group's vote: commit only if every rank succeeded and enough groups took part.
+
+        Then rank 0 asks the lighthouse's commit fence: a quorum that lost a
+        member before any group committed it commits nowhere, so a group
+        that was frozen or evicted never commits that step alone.
+        """
         ok = self._error is None
         try:
-            commit = bool(self._round("vote", {"ok": ok})["commit"])
+            answer = self._round("vote", {"ok": ok})
+            commit = bool(answer["commit"])
+            if not commit and answer.get("refused"):
+                self.report_error(RuntimeError(f"commit fence: {answer['refused']}"))
         except Exception as e:
             self.report_error(e)
             commit = False
-        if commit:
+        plan = self._plan
+        if commit and plan is not None:
             # The caller is about to change the published state.
             self._state_server.retract()
-            self._step += 1
+            step = plan.max_step + 1
+            self._committed = (step, next_history(plan.history, plan.quorum_id, step))
             self._commit_failures = 0
         else:
+            commit = False
             self._commit_failures += 1
             self._drop_process_group()
         self._log.info(
             "outer step committed" if commit else "outer step rolled back",
-            step=self._step,
+            step=self.step,
             commit_failures=self._commit_failures,
             error=repr(self._error) if self._error is not None else None,
         )
@@ -333,6 +360,13 @@ class Manager:
     def close(self) -> None:
         """Leave: the lighthouse drops this group at once instead of at a timeout."""
         self._drop_process_group()
+        # Let the aborts finish: a process that exits while a backend's threads
+        # are being torn down dies in C++ ("terminate called").  A peer frozen
+        # for good cannot hold the exit for longer than the deadline.
+        concurrent.futures.wait(
+            [f for _, f in self._aborts], timeout=self.config.collective_timeout
+        )
+        self._aborts.clear()
         try:
             self._loop.run(self._shutdown(), timeout=10)
         finally:
@@ -347,8 +381,10 @@ class Manager:
     # -- the group round (rank 0 answers for every rank) ----------------------------
 
     def _quorum_contribution(self) -> dict[str, Any]:
+        step, history = self._committed
         return {
-            "step": self._step,
+            "step": step,
+            "history": history,
             "commit_failures": self._commit_failures,
             "heal": self.address,
             "dirty": self._dirty,
@@ -387,6 +423,9 @@ class Manager:
                 "heal": [values[r]["heal"] for r in range(self.group_size)],
                 DIRTY: any(v["dirty"] for v in values.values()),
             },
+            incarnation=self.incarnation,
+            history=lead["history"],
+            expected_groups=self.config.num_replica_groups or 0,
         )
         info = await self._lighthouse.join(member, timeout=self.config.quorum_timeout)
         quorum = Quorum(info.quorum_id, info.members, info.created)
@@ -395,7 +434,14 @@ class Manager:
     async def _decide_vote(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
         plan = self._plan
         enough = plan is not None and plan.replica_world_size >= self.config.min_replicas
-        return {"commit": enough and all(v["ok"] for v in values.values())}
+        if plan is None or not enough or not all(v["ok"] for v in values.values()):
+            return {"commit": False}
+        assert self._lighthouse is not None
+        fence = await self._lighthouse.fence(self.config.replica_id, plan.quorum_id, plan.max_step)
+        if not fence.commit:
+            self._log.warning("commit refused by the fence", reason=fence.reason)
+            return {"commit": False, "refused": fence.reason}
+        return {"commit": True}
 
     # -- servers and connections (on the background loop) -------------------------
 
@@ -436,9 +482,16 @@ class Manager:
         cfg = self.config
         self._lighthouse = AsyncLighthouseClient(list(cfg.lighthouse), cfg.token)
         self._liveness = self._lighthouse.liveness(
-            cfg.replica_id, self._on_lighthouse_event, interval=cfg.heartbeat_interval
+            cfg.replica_id,
+            self._on_lighthouse_event,
+            interval=cfg.heartbeat_interval,
+            state=self._liveness_state,
         )
         await self._liveness.start()
+
+    def _liveness_state(self) -> protocol.Liveness:
+        """What every heartbeat tells the lighthouse: who we are, what we hold committed."""
+        return protocol.Liveness(self.incarnation, None if self._dirty else self._committed)
 
     def _on_lighthouse_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -511,9 +564,17 @@ class Manager:
         self._pg_quorum_id = plan.quorum_id
 
     def _drop_process_group(self) -> None:
+        """Abandon the cross-group process group without waiting for its peers.
+
+        Aborting a gloo group joins its threads, which may sit in a receive
+        from a frozen peer until that peer thaws; the survivors must roll back
+        now, so the abort runs on its own daemon thread and nobody waits.
+        """
         pg, self._pg, self._pg_quorum_id = self._pg, None, None
         if pg is not None:
-            process_group.abort(pg)
+            # Finished aborts are dropped here, so their groups die on this thread.
+            self._aborts = [(g, f) for g, f in self._aborts if not f.done()]
+            self._aborts.append((pg, _start_thread(lambda: process_group.abort(pg), "abort")))
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -566,12 +627,12 @@ class Manager:
         for name, state in self._states.items():
             prefix = f"{name}/"
             state.load({k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)})
-        self._step = plan.max_step
+        self._committed = (plan.max_step, plan.history)
         self._dirty = False
         self._log.info(
             "healed",
             donor=donor.replica_id,
-            step=self._step,
+            step=self.step,
             tensors=len(received),
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -636,14 +697,19 @@ class Manager:
             raise MemberLost(f"{what} abandoned: quorum member {self._abort.result()} died")
         raise TimeoutError(f"{what} missed its {timeout:g}s deadline")
 
-    def _finish(self, future: concurrent.futures.Future[None]) -> bool:
+    def _finish(self, future: concurrent.futures.Future[None], work: Work) -> bool:
         try:
             self._await(future, self.config.collective_timeout, "allreduce")
         except Exception as e:
+            work.abandoned = not future.done()
             self.report_error(e)
             self._drop_process_group()
             return False
         return self._error is None
+
+    def _work(self, future: concurrent.futures.Future[None]) -> Work:
+        work = Work(lambda: self._finish(future, work))
+        return work
 
     # -- durable checkpoints (ftdiloco.checkpoint) --------------------------------------------
 
@@ -694,12 +760,17 @@ class Manager:
         user.update(metadata or {})
         path = save_checkpoint(
             directory,
-            self._step,
+            self.step,
             self._state_tensors(),
-            {"group_rank": self.group_rank, "group_size": self.group_size, "user": user},
+            {
+                "group_rank": self.group_rank,
+                "group_size": self.group_size,
+                "history": self.history,
+                "user": user,
+            },
             replica_id=self.config.replica_id,
         )
-        self._last_checkpoint_step = self._step
+        self._last_checkpoint_step = self.step
         return path
 
     def resume(self, root: str | os.PathLike[str] | None = None) -> bool:
@@ -753,7 +824,8 @@ class Manager:
         check_layout(
             [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], self._state_tensors()
         )
-        self._step = step
+        history = metadata.get("history")
+        self._committed = (step, history if isinstance(history, str) else GENESIS)
         self._last_checkpoint_step = step
         user = metadata.get("user")
         self.resumed_metadata = user if isinstance(user, dict) else {}
@@ -791,9 +863,9 @@ class Manager:
         every = self.config.checkpoint_every
         due = (
             every is not None
-            and self._step > 0
-            and self._step % every == 0
-            and self._step != self._last_checkpoint_step
+            and self.step > 0
+            and self.step % every == 0
+            and self.step != self._last_checkpoint_step
         )
         path = None
         if due or asked or stop:
@@ -801,9 +873,9 @@ class Manager:
                 path = self.save_checkpoint()
                 self._checkpoint_requests_done = requests
             except (OSError, RuntimeError, ValueError) as e:
-                self._log.error("checkpoint failed", step=self._step, error=repr(e))
+                self._log.error("checkpoint failed", step=self.step, error=repr(e))
         if stop:
-            self._log.warning("stopping on SIGTERM", step=self._step, checkpoint=str(path))
+            self._log.warning("stopping on SIGTERM", step=self.step, checkpoint=str(path))
             raise SystemExit(0 if path is not None else 1)
         return path
 
@@ -866,8 +938,8 @@ class Manager:
             status, code, text = 409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set"
         else:
             self._checkpoint_requests += 1
-            self._log.info("checkpoint requested", peer=request.remote, step=self._step)
-            body = protocol.pack({"ok": True, "step": self._step})
+            self._log.info("checkpoint requested", peer=request.remote, step=self.step)
+            body = protocol.pack({"ok": True, "step": self.step})
             return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)
         return web.Response(
             status=status,

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lighthouse.history import DIRTY, reference
 from lighthouse.protocol import QuorumInfo
 from lighthouse.quorum import Member
+
+__all__ = ["DIRTY", "QuorumPlan", "members_by_id", "plan_quorum"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class QuorumPlan:
     participants: tuple[str, ...]
     # Shared: the step every participant holds once healing is done.
     max_step: int
+    # Shared: the history of that state (lighthouse.history): a group at
+    # max_step with another history is behind like any other.
+    history: str
     # Shared: the groups whose committed state is the reference, sorted; they
     # serve heals.  With ``init_sync`` at step 0 this is only the primary.
     up_to_date: tuple[str, ...]
@@ -61,10 +67,6 @@ def members_by_id(quorum: QuorumInfo) -> dict[str, Member]:
             )
         members[member.replica_id] = member
     return members
-
-
-# Member.data key a group sets while its own state is torn by a failed heal.
-DIRTY = "dirty"
 
 
 def plan_quorum(
@@ -110,20 +112,17 @@ def plan_quorum(
         )
 
     participants = tuple(sorted(members))
-    # A group whose heal failed half-way holds torn state at its old step: it
+    # The state the quorum continues from, by the one rule of
+    # lighthouse.history: highest step, then the most common history.  A
+    # group whose heal failed half-way holds torn state at its old step: it
     # must heal, and must never be a donor, even if no one else is left.
-    clean = [m for m in members.values() if not m.data.get(DIRTY)]
-    if not clean:
+    ref = reference(members.values())
+    if ref is None:
         raise ValueError(
             f"no member of quorum {quorum.quorum_id} holds committed state: every one "
             "is recovering from a failed heal; restart from a checkpoint"
         )
-    max_step = max(m.step for m in clean)
-    up_to_date = tuple(
-        rid
-        for rid in participants
-        if members[rid].step == max_step and not members[rid].data.get(DIRTY)
-    )
+    max_step, up_to_date = ref.step, ref.holders
     if init_sync and max_step == 0:
         up_to_date = up_to_date[:1]
     recovering = tuple(rid for rid in participants if rid not in up_to_date)
@@ -141,6 +140,7 @@ def plan_quorum(
         replica_world_size=len(participants),
         participants=participants,
         max_step=max_step,
+        history=ref.history,
         up_to_date=up_to_date,
         recovering=recovering,
         heal=heal,

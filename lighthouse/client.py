@@ -40,7 +40,7 @@ from tenacity.stop import stop_base
 from lighthouse import protocol
 from lighthouse.background import BackgroundLoop
 from lighthouse.protocol import QuorumInfo
-from lighthouse.quorum import Member
+from lighthouse.quorum import Fence, Member
 
 __all__ = [
     "AsyncLighthouseClient",
@@ -259,8 +259,25 @@ class AsyncLighthouseClient:
 
         return await self._with_failover("join", attempt, stop_before_delay(timeout), _any_failure)
 
-    async def heartbeat(self, replica_id: str) -> None:
-        await self._post("/v1/heartbeat", protocol.encode_heartbeat(replica_id))
+    async def heartbeat(self, replica_id: str, liveness: protocol.Liveness | None = None) -> None:
+        await self._post("/v1/heartbeat", protocol.encode_heartbeat(replica_id, liveness))
+
+    async def fence(self, replica_id: str, quorum_id: int, step: int) -> Fence:
+        """May ``replica_id`` commit the step after ``step`` that quorum ``quorum_id`` ran?
+
+        Asked once, of the lighthouse that answered the join (no other one
+        knows the quorum); any failure raises, and the caller must not commit.
+        """
+        address = self.addresses[self._current]
+        body = protocol.encode_fence(replica_id, quorum_id, step)
+        try:
+            reply = await self._exchange("POST", address, "/v1/fence", body)
+        except _Failover as e:
+            raise LighthouseUnavailable((address,), e.cause) from e.cause
+        try:
+            return protocol.decode_fence_answer(_decode(address, reply))
+        except protocol.ProtocolError as e:
+            raise LighthouseError(f"{address} sent an unreadable fence answer: {e}") from e
 
     async def kill(self, replica_id: str, reason: str = "") -> bool:
         """Evict a replica and tell it why; False when the lighthouse did not know it."""
@@ -289,9 +306,14 @@ class AsyncLighthouseClient:
         replica_id: str,
         on_event: Callable[[PushedEvent], None],
         interval: float = 0.5,
+        state: Callable[[], protocol.Liveness] | None = None,
     ) -> LivenessLink:
-        """A link to start: it proves ``replica_id`` alive and delivers pushed events."""
-        return LivenessLink(self, replica_id, on_event, interval)
+        """A link to start: it proves ``replica_id`` alive and delivers pushed events.
+
+        ``state``, called for every heartbeat, tells the lighthouse this
+        process's incarnation and committed step (see lighthouse.quorum).
+        """
+        return LivenessLink(self, replica_id, on_event, interval, state)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -423,14 +445,15 @@ class LivenessLink:
         replica_id: str,
         on_event: Callable[[PushedEvent], None],
         interval: float,
+        state: Callable[[], protocol.Liveness] | None = None,
     ) -> None:
         self.replica_id = replica_id
         self.interval = interval
+        self._state = state or protocol.Liveness
         # Set while a socket is open; cleared while reconnecting.
         self.connected = asyncio.Event()
         self._client = client
         self._on_event = on_event
-        self._heartbeat = protocol.pack({"type": protocol.EVENT_HEARTBEAT})
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -461,7 +484,10 @@ class LivenessLink:
         try:
             ws = await self._client._session().ws_connect(
                 address + "/v1/ws",
-                params={"replica_id": self.replica_id},
+                params={
+                    "replica_id": self.replica_id,
+                    "incarnation": self._state().incarnation,
+                },
                 # Pings detect a lighthouse host that vanished without closing the socket.
                 heartbeat=self._client.connect_timeout,
                 timeout=aiohttp.ClientWSTimeout(ws_close=self._client.connect_timeout),
@@ -506,7 +532,8 @@ class LivenessLink:
         # A closing socket refuses writes; the reader notices the close itself.
         with contextlib.suppress(ConnectionResetError):
             while not ws.closed:
-                await ws.send_bytes(self._heartbeat)
+                beat = {"type": protocol.EVENT_HEARTBEAT, **self._state().encode()}
+                await ws.send_bytes(protocol.pack(beat))
                 await asyncio.sleep(self.interval)
 
     def _deliver(self, data: bytes) -> None:

@@ -404,16 +404,24 @@ def test_manager_saves_every_n_steps_and_resumes_bitwise(
         assert steps_on_disk(m) == [2, 4]
         saved = first.state()
         directory = m.checkpoint_directory()
+        history = m.history
     assert directory == tmp_path / "groupck" / "rank-0"
     meta = json.loads((directory / "step-4" / "meta.json").read_text())
     assert meta["replica_id"] == "groupck"
-    assert meta["metadata"] == {"group_rank": 0, "group_size": 1, "user": {"position": 123}}
+    assert meta["metadata"] == {
+        "group_rank": 0,
+        "group_size": 1,
+        "history": history,
+        "user": {"position": 123},
+    }
 
     with manager(lighthouse_url, tmp_path, checkpoint_every=2) as m:
         second = Trainer(m, seed=1)  # other initial weights, no optimizer state yet
         assert raw(second.diloco.backup[0]) != raw(saved["backup.0"])
         assert m.resume()
         assert m.step == 4
+        # The resumed group is the same history as before, not a look-alike at step 4.
+        assert m.history == history
         assert m.resumed_metadata == {"position": 123}
         assert_bitwise(second.state(), saved)
         second.enter()  # the resumed job's first step is empty: nothing moves

@@ -232,6 +232,7 @@ def test_one_member_quorum() -> None:
         replica_world_size=1,
         participants=("solo",),
         max_step=12,
+        history="",
         up_to_date=("solo",),
         recovering=(),
         heal=False,
@@ -239,3 +240,38 @@ def test_one_member_quorum() -> None:
         store_address="solo:29500",
         store_prefix="ftdiloco/q3/g0",
     )
+
+
+def history_quorum(reports: dict[str, tuple[int, str]]) -> QuorumInfo:
+    members = tuple(
+        Member(replica_id=rid, step=step, history=history, store_address=f"{rid}:1")
+        for rid, (step, history) in reports.items()
+    )
+    return QuorumInfo(quorum_id=QUORUM_ID, members=members, created=0.0)
+
+
+@pytest.mark.parametrize(
+    ("reports", "history", "up_to_date"),
+    [
+        # Two groups at one step with different histories: neither is up to
+        # date with the other; the history more groups hold wins.
+        pytest.param({"a": (2, "x"), "b": (2, "y"), "c": (2, "y")}, "y", ("b", "c"), id="majority"),
+        # A tie goes to the history of the smallest replica id, whatever the join order.
+        pytest.param({"b": (2, "y"), "a": (2, "x")}, "x", ("a",), id="tie: smallest id"),
+        pytest.param({"b": (2, "x"), "a": (2, "y")}, "y", ("a",), id="tie: other order"),
+        # The step comes first: a newer step beats any number of older holders.
+        pytest.param({"a": (1, "x"), "b": (1, "x"), "c": (3, "z")}, "z", ("c",), id="step first"),
+    ],
+)
+def test_same_step_different_history_heals_by_one_rule(
+    reports: dict[str, tuple[int, str]], history: str, up_to_date: tuple[str, ...]
+) -> None:
+    quorum = history_quorum(reports)
+    plans = {rid: plan_quorum(quorum, rid, 0) for rid in reports}
+    for rid, plan in plans.items():
+        assert plan.history == history
+        assert plan.up_to_date == up_to_date
+        # Every member works out the same answer; the others heal from a holder.
+        assert plan.heal == (rid not in up_to_date)
+        if plan.heal:
+            assert plan.donor is not None and plan.donor.replica_id in up_to_date
