@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -199,3 +200,16 @@ def blocked_in_collective(proc: Proc, step: int) -> bool:
         elif line.startswith((f"COLLECTIVE_DONE step={step}", f"COLLECTIVE_FAILED step={step}")):
             done = i
     return entered > done
+
+
+def first_to_print(procs: Iterable[Proc], text: str, timeout: float) -> Proc:
+    """The first of ``procs`` whose output has a line containing ``text``."""
+    procs = list(procs)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if any(text in line for line in list(proc.output)):
+                return proc
+        time.sleep(0.005)
+    tails = "\n".join(f"{p.name}:\n{p.tail(10)}" for p in procs)
+    raise TimeoutError(f"none printed {text!r} in {timeout}s:\n{tails}")

@@ -20,7 +20,8 @@ FTDILOCO_*), plus test-only knobs, each injecting exactly the fault it names:
                    for a line on stdin (alive and heartbeating, not joining)
   WORKER_SLOW_SERVE  when a peer heals from this group at this step or later,
                    print "SERVING" and stall before sending state (so the
-                   test can kill a donor in the middle of a transfer)
+                   test can kill a donor in the middle of a transfer), for
+                   WORKER_SLOW_SERVE_SECONDS (default: for ever), once
   WORKER_WAIT_START  print "READY" once connected and wait for a line on stdin
                    before the first quorum (so a test can start groups together)
   WORKER_FRAGMENTS, WORKER_SYNC_DELAY, WORKER_COMPRESSION  streaming DiLoCo settings
@@ -246,11 +247,15 @@ def main() -> None:
 
 def _stall_heal_serving(from_step: int) -> None:
     copy_chunk = StateServer._copy_chunk
+    seconds = float(os.environ.get("WORKER_SLOW_SERVE_SECONDS", "3600"))
+    stalls = [seconds]
 
     def stalled(self: StateServer, publication: Any, *args: Any) -> bool:
-        if publication.step >= from_step:
+        if publication.step >= from_step and stalls:
             say("SERVING")
-            time.sleep(3600)
+            time.sleep(stalls[0] if seconds < 3600 else 3600)
+            if seconds < 3600:
+                stalls.clear()  # once: the transfer then goes through
         return copy_chunk(self, publication, *args)
 
     StateServer._copy_chunk = stalled  # type: ignore[method-assign]
