@@ -18,15 +18,53 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ftdiloco.compression import get_codec
-from ftdiloco.manager import Manager, Work
+from ftdiloco.compression import Codec, get_codec
+from ftdiloco.manager import Work
+from ftdiloco.plan import QuorumPlan
+
+
+class OuterManager(Protocol):
+    """What DiLoCo and LocalSGD use of a manager.
+
+    :class:`ftdiloco.manager.Manager` is the real one; the simulator
+    (:mod:`ftdiloco.sim`) passes an in-process one, so that simulated runs
+    go through this module's outer step and not a copy of it.
+    """
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def plan(self) -> QuorumPlan | None: ...
+
+    def register_state(
+        self,
+        name: str,
+        save: Callable[[], dict[str, torch.Tensor]],
+        load: Callable[[dict[str, torch.Tensor]], None],
+    ) -> None: ...
+
+    def start_quorum(self) -> QuorumPlan | None: ...
+
+    def allreduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        codec: Codec | None = None,
+        residuals: Sequence[torch.Tensor | None] | None = None,
+    ) -> Work: ...
+
+    def should_commit(self) -> bool: ...
+
+    def maybe_checkpoint(self) -> Path | None: ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +133,11 @@ class _OuterLoop:
     """Counts inner steps through the optimizer's post-step hook; syncs every N."""
 
     def __init__(
-        self, manager: Manager, model: nn.Module, optimizer: torch.optim.Optimizer, sync_every: int
+        self,
+        manager: OuterManager,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sync_every: int,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -244,7 +286,7 @@ class DiLoCo(_OuterLoop):
 
     def __init__(
         self,
-        manager: Manager,
+        manager: OuterManager,
         model: nn.Module,
         inner_optimizer: torch.optim.Optimizer,
         outer_optimizer: torch.optim.Optimizer,
@@ -501,7 +543,11 @@ class LocalSGD(_OuterLoop):
     """
 
     def __init__(
-        self, manager: Manager, model: nn.Module, optimizer: torch.optim.Optimizer, sync_every: int
+        self,
+        manager: OuterManager,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sync_every: int,
     ) -> None:
         super().__init__(manager, model, optimizer, sync_every)
         self.optimizer = optimizer
