@@ -42,16 +42,26 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from lighthouse.history import GENESIS, Reference, is_clean, is_older, next_history, reference
+from lighthouse.history import (
+    DIRTY,
+    GENESIS,
+    Reference,
+    is_clean,
+    is_older,
+    next_history,
+    reference,
+)
 
 # Sealed quorum ids remembered for late fences; a group fences within one
 # outer step of its quorum, so a few hundred covers any realistic lag.
 _SEALED_KEPT = 256
 _DISCARDS_KEPT = 100
+# Histories whose parent the core remembers, to tell where two branches part.
+_LINEAGE_KEPT = 1 << 16
 
 
 class EvictionCause(str, Enum):
@@ -214,6 +224,11 @@ class QuorumCore:
         # The state the previous quorum continues from (its reference).
         self._formed_from: Reference | None = None
         self._discards: deque[Discard] = deque(maxlen=_DISCARDS_KEPT)
+        # history -> (its step, the history it was committed on), for fenced commits.
+        self._lineage: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # Histories abandoned: they never come back as a reference while any
+        # member holds something else (a thawed holder heals instead).
+        self._abandoned: OrderedDict[str, None] = OrderedDict()
         self.discarded_steps = 0
 
     # -- read-only views for /status and metrics ------------------------------
@@ -347,6 +362,9 @@ class QuorumCore:
         if len(self._sealed) > _SEALED_KEPT:
             self._sealed.popitem(last=False)
         after = (step + 1, next_history(ref.history, quorum_id, step + 1))
+        self._lineage[after[1]] = (after[0], ref.history)
+        if len(self._lineage) > _LINEAGE_KEPT:
+            self._lineage.popitem(last=False)
         for rid in prev.replica_ids:
             if rid in self._last_seen:
                 self._know(rid, *after)
@@ -372,10 +390,15 @@ class QuorumCore:
         return evicted
 
     def _know(self, replica_id: str, step: int, history: str) -> None:
-        """Record a live replica's newest committed step (and keep the max current)."""
-        old = self._committed.get(replica_id)
+        """Record a live replica's newest committed step (and keep the max current).
+
+        An abandoned history counts for nothing: its holder must heal.
+        """
+        old = self._committed.pop(replica_id, None)
         if old is not None:
             self._uncount(old[0])
+        if history in self._abandoned:
+            return
         self._committed[replica_id] = (step, history)
         self._step_counts[step] = self._step_counts.get(step, 0) + 1
         self._newest = max(self._newest, step)
@@ -438,12 +461,23 @@ class QuorumCore:
         return Update(formed, evicted, reason, self._deadline(now), discarded)
 
     def _candidates(self) -> list[Member]:
-        """The joiners in replica-id order; with shrink_only, only previous members."""
+        """The joiners in replica-id order; with shrink_only, only previous members.
+
+        A member holding an abandoned history is handed out as dirty, so every
+        member's plan makes it heal -- unless no member holds anything else:
+        then the job continues from the best state that is left (and the
+        branch it leaves behind is recorded as abandoned when the quorum forms).
+        """
         members = sorted((m for m, _ in self._joiners.values()), key=lambda m: m.replica_id)
         prev = self._previous
         if prev is not None and any(m.shrink_only for m in members):
             keep = set(prev.replica_ids)
             members = [m for m in members if m.replica_id in keep]
+        if self._abandoned and any(m.history not in self._abandoned for m in members):
+            members = [
+                replace(m, data={**m.data, DIRTY: True}) if m.history in self._abandoned else m
+                for m in members
+            ]
         return members
 
     def _decide(self, now: float) -> tuple[list[Member] | None, str]:
@@ -517,11 +551,27 @@ class QuorumCore:
     def _one_history(
         self, candidates: list[Member], formed: str
     ) -> tuple[list[Member] | None, str]:
-        """Form only if no live replica outside holds a newer committed step."""
+        """Form only if no live replica outside holds a newer committed step.
+
+        Nor continue from an abandoned history while a live replica outside
+        holds one that is not (only abandoned histories are not counted in
+        ``_committed``, so any entry past step 0 is such a replica).
+        """
         ref = reference(candidates)
-        if ref is None or ref.step >= self._newest:
+        if ref is None:
             return candidates, formed
         joined = {m.replica_id for m in candidates}
+        if ref.history in self._abandoned:
+            live = sorted(
+                rid for rid, (step, _) in self._committed.items() if step > 0 and rid not in joined
+            )
+            if live:
+                return None, (
+                    f"waiting: every joiner holds an abandoned history; {', '.join(live)}"
+                    " holds one that is not, so the quorum waits for it to join or to be lost"
+                )
+        if ref.step >= self._newest:
+            return candidates, formed
         holders = sorted(
             rid
             for rid, (step, _) in self._committed.items()
@@ -566,17 +616,59 @@ class QuorumCore:
         (or, at one step, by the reference rule between two histories).
         """
         ref, high = self._formed_from, self._high
-        if ref is None or (ref.step, ref.history) == (high.step, high.history):
+        if ref is None or self._descends(ref, high):
+            if ref is not None and ref.step > high.step:
+                self._high = ref
             return None
-        if ref.step > high.step:  # every joiner is known, so not expected; stay correct
-            self._high = ref
-            return None
-        first = ref.step + 1 if ref.step < high.step else high.step
+        first = self._parting_step(high, ref)
+        self._abandon_branch(high.history, first)
+        if ref.history in self._abandoned:
+            del self._abandoned[ref.history]  # nothing else was left: it lives again
         discard = Discard(high.holders, first, high.step, high.history, ref.step, quorum.quorum_id)
         self._discards.append(discard)
         self.discarded_steps += high.step - first + 1
         self._high = ref
         return discard
+
+    def _descends(self, state: Reference, ancestor: Reference) -> bool:
+        """Is ``ancestor`` on the path of commits that led to ``state``?
+
+        Where the fenced lineage runs out, a newer step is taken to descend.
+        """
+        history, step = state.history, state.step
+        while step > ancestor.step and history in self._lineage:
+            step, history = self._lineage[history][0] - 1, self._lineage[history][1]
+        if step > ancestor.step:
+            return True
+        return step == ancestor.step and history == ancestor.history
+
+    def _parting_step(self, abandoned: Reference, kept: Reference) -> int:
+        """The first step of the abandoned branch that the kept state does not share.
+
+        Walks the fenced lineage back; where it runs out (commits fenced by a
+        lighthouse that has restarted since), assumes the branches part just
+        above the kept step.
+        """
+        shared = {kept.history}
+        history = kept.history
+        while history in self._lineage:
+            history = self._lineage[history][1]
+            shared.add(history)
+        first = min(kept.step + 1, abandoned.step)
+        history = abandoned.history
+        while history not in shared and history in self._lineage:
+            first, history = self._lineage[history]
+        return min(first, abandoned.step)
+
+    def _abandon_branch(self, history: str, first: int) -> None:
+        """Mark ``history`` and its ancestors down to step ``first`` abandoned."""
+        while history != GENESIS:
+            self._abandoned[history] = None
+            if len(self._abandoned) > _LINEAGE_KEPT:
+                self._abandoned.popitem(last=False)
+            if history not in self._lineage or self._lineage[history][0] <= first:
+                return
+            history = self._lineage[history][1]
 
     def _deadline(self, now: float) -> float | None:
         """The earliest time at which a tick could change anything."""
