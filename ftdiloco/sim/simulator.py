@@ -240,6 +240,8 @@ class DilocoSimulator:
         self.progress = progress
         self.record_hashes = record_hashes
         self.result: SimResult | None = None
+        # After train(): one ``sync`` event per outer step (see metrics.jsonl).
+        self.recorded_syncs: list[dict[str, Any]] = []
 
     def _check_model(self, fragments: int) -> None:
         """Build one model now, so a bad model_kwargs or fragments fails here, not in a thread."""
@@ -274,6 +276,7 @@ class DilocoSimulator:
             self.result = Run(self, recorder, initial).execute()
         finally:
             recorder.close()
+            self.recorded_syncs = [e for e in recorder.events if e["event"] == "sync"]
         return self.result
 
     def lr_scale(self, local_step: int) -> float | None:
