@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"address to listen on; port 0 picks a free one (default {DEFAULT_BIND})",
     )
     add(
+        "--lease",
+        metavar="PATH",
+        help="file whose lock decides which of several lighthouses serves the job;"
+        " give every lighthouse of a highly available set the same one (default: none,"
+        " this lighthouse always serves)",
+    )
+    add(
         "--token-file",
         "--token_file",
         metavar="PATH",
@@ -170,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         heartbeat_timeout=args.heartbeat_timeout_ms / 1000,
         quorum_tick=args.quorum_tick_ms / 1000,
         token=token,
+        lease=args.lease,
     )
     logs.configure(args.log_format)
     sys.exit(asyncio.run(_serve(LighthouseServer(config), host, port)))

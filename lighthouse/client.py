@@ -252,6 +252,13 @@ class AsyncLighthouseClient:
             body = protocol.encode_join(member, remaining)
             reply = await self._exchange("POST", address, "/v1/join", body, wait=remaining)
             message = _decode(address, reply)
+            if len(self.addresses) > 1 and message.get("lease") is not True:
+                # Two lighthouses serving one job would each form quorums: a fork.
+                raise LighthouseError(
+                    f"{address} serves without --lease, but this replica was given"
+                    f" {len(self.addresses)} lighthouse addresses: start every lighthouse"
+                    " of the job with the same --lease PATH, or give one address"
+                )
             try:
                 return protocol.decode_quorum(_field(message, "quorum"))
             except protocol.ProtocolError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.resources
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lighthouse import protocol
+from lighthouse.lease import Lease
 from lighthouse.quorum import (
     Eviction,
     EvictionCause,
@@ -78,6 +80,9 @@ class ServerConfig:
     max_connections: int = 4096
     # None: derive from the wall clock so that a restart never reuses an id.
     first_quorum_id: int | None = None
+    # A file shared by every lighthouse of one job: only the holder of its
+    # lock serves (lighthouse.lease).  None: this lighthouse always serves.
+    lease: str | None = None
 
     def __post_init__(self) -> None:
         self.quorum_config()  # validates the quorum settings
@@ -286,6 +291,8 @@ class LighthouseServer:
         self._stopping = False
         self._stop_task: asyncio.Task[None] | None = None
         self._dashboard = b""
+        self._lease = Lease(self.config.lease) if self.config.lease is not None else None
+        self._lease_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -327,7 +334,41 @@ class LighthouseServer:
         await self._site.start()
         self._url = _url(sock)
         _log.info("lighthouse started", url=self._url, epoch=self.epoch, **self.config.public())
+        if self._lease is not None and not self._take_lease():
+            _log.warning(
+                "standing by: another lighthouse holds the lease",
+                lease=self.config.lease,
+                holder=self._lease.holder(),
+            )
+            self._lease_task = asyncio.create_task(self._wait_for_lease())
         return self._url
+
+    def _take_lease(self) -> bool:
+        assert self._lease is not None
+        if not self._lease.try_acquire(f"{self._url} pid {os.getpid()}"):
+            return False
+        # Quorums formed before the takeover are another lighthouse's: start
+        # this one's ids above anything handed out until now, and give every
+        # live replica time to reconnect and tell its step.
+        self.epoch = max(self.epoch + 1, wall_clock_epoch())
+        self.core = QuorumCore(
+            self.config.quorum_config(), first_quorum_id=self.epoch, started=self._loop.time()
+        )
+        _log.info("lease acquired: serving", lease=self.config.lease, epoch=self.epoch)
+        return True
+
+    async def _wait_for_lease(self) -> None:
+        while not self._stopping and not self._take_lease():
+            await asyncio.sleep(self.config.quorum_tick)
+
+    def _refuse_if_standby(self) -> None:
+        if self._lease is not None and not self._lease.held:
+            raise _HttpError(
+                503,
+                "standby",
+                f"this lighthouse is standing by; the lease {self.config.lease} is held by"
+                f" {self._lease.holder() or 'another lighthouse'}",
+            )
 
     def request_stop(self) -> None:
         """Stop in the background (for signal handlers and /v1/shutdown); idempotent."""
@@ -342,6 +383,8 @@ class LighthouseServer:
         self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         for rid in list(self._waiters):
             self._resolve(rid, _HttpError(503, "shutting_down", "the lighthouse is shutting down"))
         if self._site is not None:
@@ -357,6 +400,8 @@ class LighthouseServer:
         )
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._lease is not None:
+            self._lease.release()
         _log.info("lighthouse stopped", url=self._url)
         self.stopped.set()
 
@@ -399,7 +444,7 @@ class LighthouseServer:
         """Hand the quorum to every member's waiting join and WebSocket, encoded once."""
         self._formed_unix = time.time() - (self._loop.time() - quorum.created)
         encoded = protocol.encode_quorum(quorum, self._formed_unix)
-        answer = protocol.pack({"quorum": encoded})
+        answer = protocol.pack({"quorum": encoded, "lease": self._lease is not None})
         event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
         last_arrival = float("-inf")
         for rid in quorum.replica_ids:
@@ -500,6 +545,7 @@ class LighthouseServer:
         arrived = self._loop.time()
         self._metrics.joins.inc()
         self._authorize(request)
+        self._refuse_if_standby()
         with self._slot():
             join = protocol.decode_join(await self._read_body(request))
             outcome = await self._wait_for_quorum(join.member, join.timeout, arrived)
@@ -554,6 +600,7 @@ class LighthouseServer:
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
         self._authorize(request)
+        self._refuse_if_standby()
         rid, liveness = protocol.decode_heartbeat(await self._read_body(request))
         self._refuse_if_stale(rid, liveness.incarnation)
         self._beat(rid, liveness)
@@ -562,6 +609,7 @@ class LighthouseServer:
     async def _fence(self, request: web.Request) -> web.Response:
         """``POST /v1/fence``: may this replica commit its quorum's step? (Always 200.)"""
         self._authorize(request)
+        self._refuse_if_standby()
         rid, quorum_id, step = protocol.decode_fence(await self._read_body(request))
         fence = self.core.fence(rid, quorum_id, step, self._loop.time())
         self._metrics.fences.labels("true" if fence.commit else "false").inc()
@@ -574,6 +622,7 @@ class LighthouseServer:
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         self._authorize(request)
         self._refuse_if_stopping()
+        self._refuse_if_standby()
         if "replica_id" not in request.query:
             raise _HttpError(400, "bad_request", "missing query parameter 'replica_id'")
         rid = protocol.replica_id({"replica_id": request.query["replica_id"]})
@@ -636,6 +685,7 @@ class LighthouseServer:
 
     async def _kill(self, request: web.Request) -> web.Response:
         self._authorize(request)
+        self._refuse_if_standby()
         rid, reason = protocol.decode_kill(await self._read_body(request))
         conn = self._sockets.get(rid)
         if conn is not None:
@@ -688,6 +738,9 @@ class LighthouseServer:
         return {
             "quorum_id": self.core.quorum_id,
             "epoch": self.epoch,
+            "role": "single"
+            if self._lease is None
+            else ("serving" if self._lease.held else "standby"),
             "reason": self.core.reason,
             "previous_quorum": None
             if prev is None
