@@ -70,6 +70,7 @@ def committed_step(proc: Proc, timeout: float = 120) -> int:
 
 def _run_phase(tmp: Path, name: str, env: dict[str, str], seconds: float) -> dict[str, Any]:
     rng = random.Random(f"{SEED}-{name}")
+    tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     logs: list[Path] = []
     faults: list[dict[str, Any]] = []

@@ -25,6 +25,7 @@ FTDILOCO_*), plus test-only knobs, each injecting exactly the fault it names:
   WORKER_WAIT_START  print "READY" once connected and wait for a line on stdin
                    before the first quorum (so a test can start groups together)
   WORKER_FRAGMENTS, WORKER_SYNC_DELAY, WORKER_COMPRESSION  streaming DiLoCo settings
+  WORKER_INNER_SLEEP  seconds each inner step also takes (a paced job, for benchmarks)
 
 Every cross-group collective is traced from inside the process group the
 manager builds (``ftdiloco.process_group.connect`` is wrapped): once the real
@@ -163,6 +164,7 @@ def main() -> None:
     logs.configure("json")
     steps = int(os.environ.get("WORKER_STEPS", "6"))
     pause_at = int(os.environ.get("WORKER_PAUSE_AT", "-1"))
+    inner_sleep = float(os.environ.get("WORKER_INNER_SLEEP", "0"))
     out = open(os.environ["WORKER_LOG"], "a", buffering=1)  # noqa: SIM115
     if os.environ.get("WORKER_SLOW_SERVE"):
         _stall_heal_serving(int(os.environ["WORKER_SLOW_SERVE"]))
@@ -236,6 +238,8 @@ def main() -> None:
             manager.install_sigterm_handler()
         log_sync()  # the step joined on entering
         while manager.step < steps:
+            if inner_sleep:
+                time.sleep(inner_sleep)
             x = torch.randn(16, 32, generator=data)
             loss = (model(x) - x[:, :8]).pow(2).mean()
             loss.backward()
