@@ -272,7 +272,7 @@ class DiLoCo(_OuterLoop):
     merges the new global weights with the local ones at application
     (0: take the global weights).  N = 1, tau = 0, alpha = 0 is plain DiLoCo.
     Each fragment has its own backup and rolls back on its own.
-    ``compression`` ("fp32", "bf16", "fp16", "int8", "fp8") is how
+    ``compression`` ("fp32", "bf16", "fp16", "int8", "fp8", "int4") is how
     pseudo-gradients travel; they are always summed in fp32.
     ``error_feedback`` carries each sync's quantization error into the next.
 
