@@ -23,6 +23,7 @@ import torch
 
 from ftdiloco.compression import get_codec
 from ftdiloco.diloco import DiLoCo, SyncReport
+from ftdiloco.sim.evaluation import GlobalModel, progress_bar, settings
 from ftdiloco.sim.failures import Failure, FailureClock
 from ftdiloco.sim.network import wire_bytes
 from ftdiloco.sim.output import Recorder, save_job_checkpoint, save_model
@@ -70,11 +71,13 @@ class Run:
         self.failures = 0
         self.rejoins = 0
         self.last_loss: float | None = None
-        self._eval_iter: Any = None
-        self.eval_model = None
-        if sim.eval_dataset is not None:
-            torch.manual_seed(sim.seed)
-            self.eval_model = sim.spec.model_cls(**sim.spec.model_kwargs).to(sim.device_for(0))
+
+        def build() -> torch.nn.Module:
+            torch.manual_seed(sim.seed)  # on the driver's thread, like every model
+            return sim.spec.model_cls(**sim.spec.model_kwargs).to(sim.device_for(0))
+
+        loader = (lambda: iter(sim.eval_loader())) if sim.eval_dataset is not None else None
+        self.global_model = GlobalModel(build, sim.spec.loss_fn, loader, sim.eval_iters)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -242,49 +245,10 @@ class Run:
 
     # -- evaluation and output ---------------------------------------------------------------
 
-    def _global_model(self) -> torch.nn.Module:
-        assert self.eval_model is not None
-        worker = self._first()
-        self.eval_model.load_state_dict(worker.model.state_dict())
-        params = [p for p in self.eval_model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            for p, g in zip(params, worker.global_tensors(), strict=True):
-                p.copy_(g)
-        return self.eval_model
-
-    def _global_state(self) -> dict[str, torch.Tensor]:
-        if self.eval_model is None:
-            torch.manual_seed(self.sim.seed)
-            self.eval_model = self.sim.spec.model_cls(**self.sim.spec.model_kwargs)
-        return self._global_model().state_dict()
-
-    @torch.no_grad()
-    def _evaluate(self, fresh: bool) -> tuple[float, float]:
-        model = self._global_model()
-        model.eval()
-        if fresh or self._eval_iter is None:
-            self._eval_iter = iter(self.sim.eval_loader())
-        losses, correct, total = [], 0, 0
-        for _ in range(self.sim.eval_iters):
-            try:
-                x, y = next(self._eval_iter)
-            except StopIteration:
-                self._eval_iter = iter(self.sim.eval_loader())
-                x, y = next(self._eval_iter)
-            device = next(model.parameters()).device
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            losses.append(float(self.sim.spec.loss_fn(out, y).item()))
-            if isinstance(out, torch.Tensor) and out.dim() == y.dim() + 1:
-                correct += int((out.argmax(dim=-1) == y).sum().item())
-                total += y.numel()
-        model.train()
-        return sum(losses) / len(losses), (correct / total if total else float("nan"))
-
     def _checkpoint(self, t: int) -> None:
         save_dir = self.sim.save_dir
         assert save_dir is not None
-        save_model(save_dir, t, self._global_state())
+        save_model(save_dir, t, self.global_model.state_dict(self._first()))
         for _, worker in sorted(self.workers.items()):
             with self.world.lock:
                 tensors = worker.manager.state_tensors()
@@ -310,7 +274,7 @@ class Run:
             for worker in self.workers.values():
                 worker.start()
             self._entered(-1, list(self.workers.values()), before=0)
-            bar = _progress(sim.max_local_step, sim.progress)
+            bar = progress_bar(sim.max_local_step, sim.progress)
             for t in range(sim.max_local_step):
                 due = self._first().sync_due()
                 self._inject(t, due)
@@ -346,7 +310,7 @@ class Run:
                     workers=len(self.workers),
                 )
                 if sim.eval_dataset is not None and t % H == 0:
-                    loss, acc = self._evaluate(fresh=False)
+                    loss, acc = self.global_model.evaluate(self._first(), fresh=False)
                     self.rec.event("eval", local_step=t, loss=loss, accuracy=acc)
                     if sim.eval_loss_hook is not None:
                         sim.eval_loss_hook(
@@ -385,9 +349,13 @@ class Run:
         from ftdiloco.sim.simulator import SimResult
 
         sim = self.sim
-        final_eval = self._evaluate(fresh=True)[0] if sim.eval_dataset is not None else None
+        final_eval = None
+        if sim.eval_dataset is not None:
+            final_eval = self.global_model.evaluate(self._first(), fresh=True)[0]
         if sim.save_dir is not None:
-            save_model(sim.save_dir, sim.max_local_step, self._global_state())
+            save_model(
+                sim.save_dir, sim.max_local_step, self.global_model.state_dict(self._first())
+            )
         committed = sum(1 for e in self.syncs.values() if e["committed"])
         n_sync = len(self.syncs)
         workers = range(sim.num_nodes)
@@ -418,39 +386,6 @@ class Run:
                 for w in workers
             ],
         )
-        self.rec.write_summary({"settings": _settings(sim), **result.to_dict()})
+        self.rec.write_summary({"settings": settings(sim), **result.to_dict()})
         self.rec.plot(f"{sim.spec.algorithm} x{sim.num_nodes}, H={sim.diloco_interval}")
         return result
-
-
-def _settings(sim: DilocoSimulator) -> dict[str, Any]:
-    spec = sim.spec
-    return {
-        "num_nodes": sim.num_nodes,
-        "diloco_interval": sim.diloco_interval,
-        "batch_size": sim.batch_size,
-        "max_local_step": sim.max_local_step,
-        "algorithm": spec.algorithm,
-        "fragments": spec.fragments,
-        "sync_delay": spec.sync_delay,
-        "alpha": spec.alpha,
-        "compression": spec.compression,
-        "error_feedback": spec.error_feedback,
-        "seed": sim.seed,
-        "params": sim.numel,
-        "failures_unit": sim.failures.unit,
-        "mtbf": sim.failures.mtbf
-        if not isinstance(sim.failures.mtbf, list | tuple)
-        else list(sim.failures.mtbf),
-        "down_for": sim.failures.down_for,
-    }
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="simulating", unit="step", leave=False)

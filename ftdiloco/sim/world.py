@@ -104,10 +104,10 @@ def _finish(collective: _Collective, size: int) -> None:
                     total += lists[r][i].to(total.device)
                 for r in ranks:
                     lists[r][i].copy_(total)
-        else:
+        else:  # allgather([[out_0 .. out_n-1]], [mine]): out_i <- rank i's input
             for r in ranks:
                 outputs, _ = collective.inputs[r]
-                for i, out in enumerate(outputs[0] if len(outputs) == 1 else outputs):
+                for i, out in enumerate(outputs[0]):
                     out.copy_(collective.inputs[i][1][0])
     collective.done = True
 
