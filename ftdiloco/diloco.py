@@ -194,12 +194,14 @@ class _OuterLoop:
         started: float,
         committed: bool,
         flats: list[torch.Tensor],
-        waited: float,
+        waited: float | None,
         sent: int | None = None,
         fragment: int = 0,
     ) -> SyncReport:
+        """``waited`` None: the sync ran on the training thread, which it blocked throughout."""
         plan = self.manager.plan
         seconds = time.perf_counter() - started
+        waited = seconds if waited is None else waited
         self.last_sync = SyncReport(
             step=self.manager.step,
             committed=committed,
@@ -239,6 +241,8 @@ class _InFlight:
     done: concurrent.futures.Future[tuple[Work, _Fragment]]
     started: float
     started_at: int  # the inner step at which it started; applied sync_delay steps later
+    # It ran on the training thread (plain DiLoCo): the inner loop waited throughout.
+    blocking: bool = False
 
 
 def split_fragments(params: list[nn.Parameter], n: int) -> list[list[nn.Parameter]]:
@@ -453,7 +457,7 @@ class DiLoCo(_OuterLoop):
                 )
             self._in_background = True
             done = self._sync_thread.submit(self._exchange, fragment, join)
-        self.in_flight = _InFlight(done, started, self.inner_steps)
+        self.in_flight = _InFlight(done, started, self.inner_steps, blocking=now)
 
     def _exchange(self, fragment: _Fragment, join: bool) -> tuple[Work, _Fragment]:
         """Join the quorum (a group that is behind heals here) and average a fragment.
@@ -489,7 +493,7 @@ class DiLoCo(_OuterLoop):
             work, fragment = flight.done.result()
         finally:
             self._in_background = False
-        waited = time.perf_counter() - waiting
+        waited: float | None = None if flight.blocking else time.perf_counter() - waiting
         if work.abandoned:
             # The backend may still write into these buffers: never reuse them.
             fragment.flats, fragment.pseudo = _flat_views(fragment.params)
@@ -576,17 +580,16 @@ class LocalSGD(_OuterLoop):
         with torch.no_grad():
             for view, p in zip(self._views, self.params, strict=True):
                 view.copy_(p)
-        waiting = time.perf_counter()
         work = self.manager.allreduce(self._flats)
         work.wait()
-        waited = time.perf_counter() - waiting
         if work.abandoned:
             # The backend may still write into these buffers: never reuse them.
             self._flats, self._views = _flat_views(self.params)
         committed = self.manager.should_commit()
         if committed:
             _copy_all(self.params, self._views)
-        report = self._report(started, committed, self._flats, waited)
+        # LocalSGD syncs on the training thread: all of it is waiting.
+        report = self._report(started, committed, self._flats, None)
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
         return report
 

@@ -1,0 +1,46 @@
+"""What a SyncReport says about the training thread is true.
+
+Plain DiLoCo and LocalSGD sync on the training thread: the inner loop is
+blocked for the whole sync (quorum, exchange, vote), so all of it is waiting
+and nothing is hidden.  (Streaming DiLoCo's hidden share is measured in
+bench/streaming.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftdiloco.diloco import LocalSGD
+from tests.test_checkpoint import Trainer, manager
+
+
+def test_plain_diloco_reports_its_whole_sync_as_waiting(
+    lighthouse_url: str, tmp_path: Path
+) -> None:
+    with manager(lighthouse_url, None) as m:
+        trainer = Trainer(m)
+        trainer.outer_steps(2)
+        report = trainer.diloco.last_sync
+    assert report is not None and report.committed
+    assert report.seconds > 0
+    assert report.waited == report.seconds, report
+    assert report.hidden_fraction == 0.0, report
+
+
+def test_localsgd_reports_its_whole_sync_as_waiting(lighthouse_url: str) -> None:
+    with manager(lighthouse_url, None) as m:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with LocalSGD(m, model, opt, sync_every=2) as local:
+            for _ in range(2):
+                model(torch.ones(1, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            report = local.last_sync
+    assert report is not None and report.committed
+    assert report.waited == report.seconds, report
+    assert report.hidden_fraction == 0.0, report
