@@ -66,6 +66,8 @@ class OuterManager(Protocol):
 
     def maybe_checkpoint(self) -> Path | None: ...
 
+    def report_sync(self, report: SyncReport) -> None: ...
+
 
 @dataclass(frozen=True)
 class SyncReport:
@@ -218,6 +220,7 @@ class _OuterLoop:
             hidden_fraction=max(0.0, 1.0 - waited / seconds) if seconds > 0 else 0.0,
             fragment=fragment,
         )
+        self.manager.report_sync(self.last_sync)
         return self.last_sync
 
 

@@ -35,6 +35,7 @@ import aiohttp
 import structlog
 import torch
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from torch._C._distributed_c10d import TCPStore
 
 from ftdiloco import process_group
@@ -50,6 +51,7 @@ from ftdiloco.checkpoint import (
 from ftdiloco.compression import Codec, compressed_allreduce
 from ftdiloco.config import Config
 from ftdiloco.group import GroupGather, contribute_remote
+from ftdiloco.metrics import GroupMetrics
 from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
 from ftdiloco.transport import HealError, StateServer, fetch_state
 from lighthouse import protocol
@@ -143,6 +145,8 @@ class Manager:
         self._buckets: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         self._dirty = False
         self._state_server = StateServer(self.config.token)
+        self.metrics = GroupMetrics()
+        self._sync_started = time.perf_counter()
 
         self._loop = BackgroundLoop(f"ftdiloco-{cfg.replica_id}-{cfg.rank}")
         self._headers = {protocol.TOKEN_HEADER: f"Bearer {cfg.token}"} if cfg.token else {}
@@ -191,6 +195,16 @@ class Manager:
             raise ValueError(f"state name {name!r} is taken or contains '/'")
         self._states[name] = _State(save, load)
 
+    def report_loss(self, loss: float) -> None:
+        """The script's latest training loss, for ``/metrics`` (``ftdiloco_loss``)."""
+        self.metrics.loss.set(loss)
+
+    def report_sync(self, report: Any) -> None:
+        """DiLoCo and LocalSGD hand over each SyncReport, for ``/metrics``."""
+        self.metrics.hidden.set(report.hidden_fraction)
+        if report.participants > 1 and not report.healed:  # alone, or healing: nothing sent
+            self.metrics.sent.inc(report.bytes_sent)
+
     def report_error(self, error: BaseException) -> None:
         """Fail the current outer step (the vote will say no)."""
         if self._error is None:
@@ -202,7 +216,7 @@ class Manager:
         self._error = None
         self._plan = None
         self._abort = concurrent.futures.Future()
-        started = time.perf_counter()
+        started = self._sync_started = time.perf_counter()
         if not self._dirty and self._states:
             # Until the commit nothing changes this state: a peer may copy it.
             self._state_server.publish(self.step, self._state_tensors())
@@ -213,6 +227,7 @@ class Manager:
                 info, self.config.replica_id, self.group_rank, init_sync=self.config.init_sync
             )
             self._plan = plan
+            self.metrics.participants.set(plan.replica_world_size)
             self._watch_lost_members(plan)
             self._reconfigure(plan)
         except Exception as e:
@@ -356,6 +371,9 @@ class Manager:
             commit = False
             self._commit_failures += 1
             self._drop_process_group()
+        (self.metrics.committed if commit else self.metrics.rolled_back).inc()
+        self.metrics.step.set(self.step)
+        self.metrics.sync_seconds.observe(time.perf_counter() - self._sync_started)
         self._log.info(
             "outer step committed" if commit else "outer step rolled back",
             step=self.step,
@@ -464,6 +482,7 @@ class Manager:
             },
         )
         self._state_server.add_routes(app)
+        app.router.add_get("/metrics", self._metrics_route)
         if self.group_rank == 0:
             self._gather.add_routes(app, self._token_ok)
             app.router.add_post("/v1/checkpoint", self._checkpoint_route)
@@ -478,6 +497,12 @@ class Manager:
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[attr-defined]
         bound = sockets[0].getsockname()[1]
         return f"http://{self.config.host}:{bound}"
+
+    async def _metrics_route(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: this process's Prometheus metrics (read-only, as on the lighthouse)."""
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     def _token_ok(self, request: web.Request) -> bool:
         expected = self._headers.get(protocol.TOKEN_HEADER)
@@ -706,12 +731,16 @@ class Manager:
             state.load({k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)})
         self._committed = (plan.max_step, plan.history)
         self._dirty = False
+        seconds = time.perf_counter() - started
+        self.metrics.heals.inc()
+        self.metrics.heal_seconds.inc(seconds)
+        self.metrics.heal_bytes.inc(sum(t.numel() * t.element_size() for t in received.values()))
         self._log.info(
             "healed",
             donor=donor.replica_id,
             step=self.step,
             tensors=len(received),
-            seconds=round(time.perf_counter() - started, 3),
+            seconds=round(seconds, 3),
         )
 
     def _pack(

@@ -1,4 +1,4 @@
-"""What a SyncReport says about the training thread is true.
+"""What a group reports about itself is true: its SyncReports and its /metrics.
 
 Plain DiLoCo and LocalSGD sync on the training thread: the inner loop is
 blocked for the whole sync (quorum, exchange, vote), so all of it is waiting
@@ -8,9 +8,11 @@ bench/streaming.py.)
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from ftdiloco.diloco import LocalSGD
@@ -44,3 +46,28 @@ def test_localsgd_reports_its_whole_sync_as_waiting(lighthouse_url: str) -> None
     assert report is not None and report.committed
     assert report.waited == report.seconds, report
     assert report.hidden_fraction == 0.0, report
+
+
+def test_a_training_process_exports_its_metrics_on_the_manager_port(
+    lighthouse_url: str,
+) -> None:
+    with manager(lighthouse_url, None) as m:
+        trainer = Trainer(m)
+        trainer.outer_steps(3)
+        m.report_loss(1.5)
+        with urllib.request.urlopen(f"{m.address}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        step = m.step
+    assert "_created" not in text
+    samples = {
+        s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
+    # The first (empty, aligning) outer step on entering, then three.
+    assert samples["ftdiloco_steps_committed_total"] == step == 4
+    assert samples["ftdiloco_steps_rolled_back_total"] == 0
+    assert samples["ftdiloco_step"] == step
+    assert samples["ftdiloco_loss"] == 1.5
+    assert samples["ftdiloco_quorum_participants"] == 1
+    assert samples["ftdiloco_sync_seconds_count"] == step
+    assert samples["ftdiloco_hidden_fraction"] == 0.0  # plain DiLoCo hides nothing
+    assert samples["ftdiloco_heals_total"] == 0

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -37,6 +37,9 @@ from ftdiloco.manager import Work
 from ftdiloco.plan import QuorumPlan, plan_quorum
 from lighthouse.protocol import QuorumInfo
 from lighthouse.quorum import Member
+
+if TYPE_CHECKING:
+    from ftdiloco.diloco import SyncReport
 
 log = structlog.get_logger("ftdiloco.sim")
 
@@ -349,6 +352,9 @@ class SimManager:
             self.commit_failures += 1
             self.rollbacks += 1
         return commit
+
+    def report_sync(self, report: SyncReport) -> None:
+        """Real managers export it as metrics; the simulator records its own."""
 
     def maybe_checkpoint(self) -> Path | None:
         """The simulator writes checkpoints itself (see :mod:`ftdiloco.sim.output`)."""
