@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--script",
-        default="examples/train_diloco.py",
-        help="training script run by torchrun in every group (default %(default)s)",
+        metavar="PATH",
+        help="training script run by torchrun in every group (default: the example that "
+        "ships with the package, python -m ftdiloco.examples.train_diloco)",
     )
     add(
         "--timeout",
@@ -132,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the lighthouse daemon until all GROUPS replica groups have "
         "connected and then left (no group connected for --idle-exit seconds), so that a "
         "batch job with a lighthouse role finishes. Arguments after `--` go to `lighthouse`.",
-        usage="ftdiloco lighthouse --groups N [--idle-exit S] [-- LIGHTHOUSE_ARGS...]",
+        usage="ftdiloco lighthouse --groups N [--idle-exit S] [--log-file PATH] "
+        "[-- LIGHTHOUSE_ARGS...]",
     )
     serve.add_argument("--groups", type=_count, required=True, help="groups in the job")
     serve.add_argument(
@@ -142,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long no group may be connected before the job counts as done (default 30); "
         "longer than a group takes to restart",
+    )
+    serve.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="also append the daemon's output (stdout and stderr) to PATH, which outlives "
+        "the job (its directory is created)",
     )
     return parser
 
@@ -169,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(status(args.lighthouse, as_json=args.json, timeout=args.timeout))
     from ftdiloco.launch import serve_lighthouse
 
-    sys.exit(serve_lighthouse(rest, args.groups, args.idle_exit))
+    sys.exit(serve_lighthouse(rest, args.groups, args.idle_exit, log_file=args.log_file))
 
 
 def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
@@ -191,7 +199,9 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
             status_line={"auto": None, "on": True, "off": False}[args.status_line],
         )
     except ValueError as e:
-        parser.error(str(e))
+        # One line, no usage: the flags parsed, their combination or a file is wrong.
+        print(f"ftdiloco launch: {e}", file=sys.stderr)
+        return 2
     return launch(options)
 
 

@@ -66,6 +66,9 @@ _STEP = re.compile(
 _DONE = re.compile(r"^done \|.*final loss (?P<loss>\S+)")
 _LISTENING = "lighthouse listening on "
 
+# `ftdiloco launch`'s default training script (`torchrun -m` runs it).
+EXAMPLE_MODULE = "ftdiloco.examples.train_diloco"
+
 # A stopped child gets this long to exit after SIGTERM before its process
 # group is SIGKILLed.
 STOP_GRACE_S = 5.0
@@ -116,7 +119,8 @@ class LaunchOptions:
     kill_every: float | None = None
     duration: float | None = None
     outer_steps: int | None = None
-    script: str = "examples/train_diloco.py"
+    # A training script's path; None: the example that ships with the package.
+    script: str | None = None
     script_args: tuple[str, ...] = ()
     # FTDILOCO_TIMEOUT for the groups; the lighthouse waits half of it for stragglers.
     timeout: float = 10.0
@@ -139,6 +143,17 @@ class LaunchOptions:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if self.outer_steps is not None and self.outer_steps < 1:
             raise ValueError(f"outer_steps must be >= 1, got {self.outer_steps}")
+        # Checked here, before anything starts: torchrun would otherwise fail in
+        # every group with a page of tracebacks.
+        if self.script is not None and not os.path.isfile(self.script):
+            problem = "is a directory" if os.path.isdir(self.script) else "no such file"
+            raise ValueError(f"--script {self.script}: {problem}")
+
+    def script_command(self) -> list[str]:
+        """What torchrun runs: the script's path, or ``-m`` the packaged example."""
+        if self.script is None:
+            return ["-m", EXAMPLE_MODULE]
+        return [self.script]
 
     def target_steps(self) -> int | None:
         """The outer steps the script will run, if the launcher can tell."""
@@ -521,7 +536,7 @@ class _Launcher:
             "torch.distributed.run",
             f"--nproc_per_node={o.nproc_per_node}",
             f"--master_port={free_port()}",
-            o.script,
+            *o.script_command(),
             *o.script_args,
         ]
         if o.outer_steps is not None:
@@ -762,30 +777,59 @@ def launch(options: LaunchOptions, out: TextIO | None = None) -> int:
 
 
 def serve_lighthouse(
-    lighthouse_args: Sequence[str], groups: int, idle_exit: float, poll: float = 0.5
+    lighthouse_args: Sequence[str],
+    groups: int,
+    idle_exit: float,
+    poll: float = 0.5,
+    log_file: str | None = None,
 ) -> int:
     """Run the lighthouse until every one of ``groups`` has connected and then left.
 
     "Left" means no replica connected and none waiting to join for
     ``idle_exit`` seconds, long enough for a crashed group to be restarted.
+    With ``log_file``, the daemon's stdout and stderr are also appended there.
     Returns the daemon's exit code (0 after a clean stop).
     """
+    copy: TextIO | None = None
+    if log_file is not None:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+            copy = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 -- closed below
+        except OSError as e:
+            print(f"ftdiloco lighthouse: cannot write --log-file {log_file}: {e}", file=sys.stderr)
+            return 2
+    try:
+        return _serve_lighthouse(lighthouse_args, groups, idle_exit, poll, copy)
+    finally:
+        if copy is not None:
+            copy.close()
+
+
+def _serve_lighthouse(
+    lighthouse_args: Sequence[str],
+    groups: int,
+    idle_exit: float,
+    poll: float,
+    copy: TextIO | None,
+) -> int:
     proc = subprocess.Popen(
         [sys.executable, "-m", "lighthouse.cli", *lighthouse_args],
         stdout=subprocess.PIPE,
+        # Into the log file too, when there is one; else straight to ours.
+        stderr=subprocess.STDOUT if copy is not None else None,
         text=True,
     )
     assert proc.stdout is not None
     url = None
     for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        _emit(line, copy)
         if line.startswith(_LISTENING):
             url = line[len(_LISTENING) :].strip()
             break
     if url is None:
         return proc.wait()
-    threading.Thread(target=_forward, args=(proc.stdout,), daemon=True).start()
+    forwarder = threading.Thread(target=_forward, args=(proc.stdout, copy), daemon=True)
+    forwarder.start()
 
     stop = threading.Event()
 
@@ -814,11 +858,11 @@ def serve_lighthouse(
                 elif idle_since is None:
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since >= idle_exit:
-                    print(
-                        f"ftdiloco: all {groups} groups came and went; stopping the lighthouse",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    message = f"ftdiloco: all {groups} groups came and went; stopping"
+                    message += " the lighthouse"
+                    if copy is not None:
+                        copy.write(message + "\n")
+                    print(message, file=sys.stderr, flush=True)
                     break
                 stop.wait(poll)
     finally:
@@ -831,10 +875,20 @@ def serve_lighthouse(
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
+    # The daemon has exited: its pipe ends, and the last lines reach the log file.
+    forwarder.join(timeout=5)
     return code
 
 
-def _forward(stream: TextIO) -> None:
-    for line in stream:
+def _emit(line: str, copy: TextIO | None) -> None:
+    if copy is not None:
+        copy.write(line)
+        copy.flush()
+    with contextlib.suppress(BrokenPipeError, ValueError):
         sys.stdout.write(line)
         sys.stdout.flush()
+
+
+def _forward(stream: TextIO, copy: TextIO | None) -> None:
+    for line in stream:
+        _emit(line, copy)

@@ -1,12 +1,17 @@
-"""torchx component: a fault-tolerant DiLoCo job as one AppDef.
+"""torchx component ``ftdiloco.train``: a fault-tolerant DiLoCo job as one AppDef.
 
 One ``lighthouse`` role and ``groups`` replica-group roles (``group0`` ...),
 each group a ``torchrun`` of ``script`` with ``nproc_per_node`` ranks::
 
     torchx run                                     # .torchxconfig: this, on local_cwd
-    torchx run torchx/diloco.py:train --groups 3 --min_replicas 2 -- --model-size tiny
-    torchx run -s kubernetes torchx/diloco.py:train --image my/image:tag \\
+    torchx run ftdiloco.train --groups 3 --min_replicas 2 -- --model-size tiny
+    torchx run -s kubernetes ftdiloco.train --image my/image:tag \\
         --lighthouse_host <a name the groups can resolve> --gpu 8 --nproc_per_node 8
+
+It is registered under torchx's ``torchx.components`` entry point (see
+pyproject.toml), so ``torchx builtins`` lists it once the package is
+installed.  torchx shows only the registered components when any are
+registered, so the entry point registers torchx's own builtins too.
 
 Groups reach the lighthouse at ``lighthouse_host:lighthouse_port``; with the
 local schedulers the default 127.0.0.1 is right.  On a cluster, either give a
@@ -19,9 +24,17 @@ does.  Restarts: ``max_restarts`` is torchrun's (a group's workers restart in
 place, then heal from a peer); ``max_retries`` is the scheduler's (the whole
 role is started again, where the scheduler supports it; local_cwd does not).
 
-This file is loaded by torchx by path (``exec``): it must stay self-contained,
-with typing's ``Dict``/``Optional`` spellings, which torchx's argument parser
-understands, and without ``from __future__ import annotations``.
+Every run keeps its logs in ``log_dir`` (default ``ftdiloco-logs`` under the
+role's working directory): torchrun writes each worker's stdout and stderr
+there (``--log-dir``, ``--tee 3``: to the files and to the console), and the
+lighthouse role its own output to ``log_dir/lighthouse.log``.  torchx's
+local schedulers otherwise keep logs in a temporary directory that they
+delete when the run ends.
+
+torchx lints this module's source and lists every function in it as a
+component: it holds ``train`` only, with typing's ``Dict``/``Optional``
+spellings, which torchx's argument parser understands, and without
+``from __future__ import annotations``.
 """
 
 import ipaddress
@@ -32,7 +45,7 @@ import torchx.specs as specs
 
 def train(
     *script_args: str,
-    script: str = "examples/train_diloco.py",
+    script: str = "",
     groups: int = 2,
     nproc_per_node: int = 1,
     min_replicas: int = 1,
@@ -53,13 +66,15 @@ def train(
     max_retries: int = 0,
     max_restarts: int = 3,
     python: str = "python",
+    log_dir: str = "ftdiloco-logs",
     env: Optional[Dict[str, str]] = None,  # noqa: UP006, UP045
 ) -> specs.AppDef:
     """Fault-tolerant DiLoCo: a lighthouse role and one torchrun role per replica group.
 
     Args:
         script_args: arguments passed to the training script
-        script: training script each group runs under torchrun (path in the image or cwd)
+        script: training script each group runs under torchrun (path in the image or cwd);
+            empty: the example that ships with the package (ftdiloco.examples.train_diloco)
         groups: number of replica groups (one role each, REPLICA_GROUP_ID 0..groups-1)
         nproc_per_node: ranks per group (torchrun --nproc_per_node)
         min_replicas: groups needed for a quorum and a commit
@@ -81,6 +96,8 @@ def train(
         max_retries: times the scheduler may start a failed role again
         max_restarts: times torchrun restarts a group's workers in place before giving up
         python: the Python interpreter to run, from PATH or an absolute path
+        log_dir: directory (relative to each role's working directory) that keeps every
+            role's output after the run: log_dir/lighthouse.log, log_dir/group<N>/...
         env: extra environment variables for every role
     """
     if groups < 1 or nproc_per_node < 1 or min_replicas < 1:
@@ -90,12 +107,21 @@ def train(
     if token and token_file:
         raise ValueError("give token or token_file, not both")
 
+    def is_loopback(host: str) -> bool:
+        # Nested: torchx lists every function of this module as a component.
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
     common = {"PYTHONUNBUFFERED": "1", **(env or {})}
     if token:
         common["FTDILOCO_TOKEN"] = token
     if token_file:
         common["FTDILOCO_TOKEN_FILE"] = token_file
-    loopback = _ftd_is_loopback(lighthouse_host)
+    loopback = is_loopback(lighthouse_host)
     roles = []
 
     address = lighthouse
@@ -129,6 +155,7 @@ def train(
                     str(groups),
                     "--idle-exit",
                     f"{lighthouse_idle_exit:g}",
+                    *(["--log-file", f"{log_dir}/lighthouse.log"] if log_dir else []),
                     "--",
                     *daemon_args,
                 ],
@@ -170,7 +197,9 @@ def train(
                     "--nnodes=1",
                     f"--nproc_per_node={nproc_per_node}",
                     f"--max_restarts={max_restarts}",
-                    script,
+                    # Each worker's output to a file under log_dir and to the console.
+                    *([f"--log-dir={log_dir}/group{group}", "--tee=3"] if log_dir else []),
+                    *([script] if script else ["-m", "ftdiloco.examples.train_diloco"]),
                     *script_flags,
                     *script_args,
                 ],
@@ -181,13 +210,3 @@ def train(
             )
         )
     return specs.AppDef(name="ftdiloco", roles=roles)
-
-
-def _ftd_is_loopback(host: str) -> bool:
-    # Prefixed: torchx executes this file in the namespace of its own finder module.
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -13,12 +13,8 @@ import pytest
 import torch
 
 from ftdiloco.config import Config
-
-# The examples import each other as siblings, the way `torchrun examples/x.py` runs them.
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import train_diloco  # noqa: E402
-from model import (  # noqa: E402
+from ftdiloco.examples import train_diloco
+from ftdiloco.examples.model import (
     GPT,
     MODEL_SIZES,
     ByteDataset,
@@ -26,6 +22,8 @@ from model import (  # noqa: E402
     default_corpus,
     load_corpus,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -154,16 +152,21 @@ def test_load_corpus_errors(tmp_path: Path) -> None:
         load_corpus([str(tmp_path / "empty")])
 
 
-# -- examples/train_diloco.py ------------------------------------------------------------------
+# -- ftdiloco/examples/train_diloco.py ---------------------------------------------------------
 
 
 def config(**overrides: object) -> Config:
     return Config.from_env({}, lighthouse="127.0.0.1:29510", **overrides)
 
 
-def test_script_help_runs_without_a_lighthouse() -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "ftdiloco.examples.train_diloco"], [str(ROOT / "examples" / "train_diloco.py")]],
+    ids=["module", "old-path"],
+)
+def test_script_help_runs_without_a_lighthouse(command: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_diloco.py"), "--help"],
+        [sys.executable, *command, "--help"],
         capture_output=True,
         text=True,
         check=True,

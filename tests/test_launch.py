@@ -8,6 +8,7 @@ then SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -63,8 +64,10 @@ def start_launcher(started: list[Proc], *args: str) -> Proc:
 
 
 def finish(proc: Proc, timeout: float) -> tuple[int, str]:
+    """The exit code and the whole output, once the reader has seen its end."""
     code = proc.wait(timeout=timeout)
-    time.sleep(0.2)  # let the reader thread take the last lines
+    with contextlib.suppress(EOFError):  # raised once the output has ended: all lines are in
+        proc.wait_line(lambda line: False, timeout=10, what="the end of the output")
     return code, "".join(proc.output)
 
 
@@ -110,6 +113,31 @@ def test_options_are_checked_and_the_target_is_found_in_script_args() -> None:
     assert LaunchOptions(script_args=("--outer-steps", "9")).target_steps() == 9
     assert LaunchOptions(script_args=("--outer-steps=4",)).target_steps() == 4
     assert LaunchOptions().target_steps() is None
+
+
+def test_the_default_script_is_the_packaged_example_and_a_script_must_exist(
+    tmp_path: Path,
+) -> None:
+    assert LaunchOptions().script_command() == ["-m", "ftdiloco.examples.train_diloco"]
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert LaunchOptions(script=str(script)).script_command() == [str(script)]
+    with pytest.raises(ValueError, match=r"^--script .*missing\.py: no such file$"):
+        LaunchOptions(script=str(tmp_path / "missing.py"))
+    with pytest.raises(ValueError, match="is a directory"):
+        LaunchOptions(script=str(tmp_path))
+
+
+def test_a_missing_script_is_one_line_and_starts_nothing() -> None:
+    result = subprocess.run(
+        ftdiloco("launch", "--script", "no/such/train.py"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "ftdiloco launch: --script no/such/train.py: no such file\n"
+    assert result.stdout == ""
 
 
 def test_launch_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:

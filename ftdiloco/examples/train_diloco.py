@@ -25,6 +25,12 @@ gradients, i.e. plain data parallelism inside the group.  Runs on the CPU.
 
 from __future__ import annotations
 
+from ftdiloco import train_extra_missing
+
+# Run as a program without torch: one line saying what to install, not a traceback.
+if __name__ == "__main__" and (_missing := train_extra_missing("ftdiloco.examples.train_diloco")):
+    raise SystemExit(_missing)
+
 import argparse
 import math
 import sys
@@ -34,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from model import GPT, MODEL_SIZES, ByteDataset, default_corpus, load_corpus
 from torch.utils.data import DataLoader
 
 from ftdiloco.config import Config
 from ftdiloco.data import ShardSampler
+from ftdiloco.examples.model import GPT, MODEL_SIZES, ByteDataset, default_corpus, load_corpus
 from lighthouse import logs
 
 if TYPE_CHECKING:
