@@ -5,7 +5,13 @@ there with a message naming the variable -- not an hour later inside a
 collective.  torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
 ``MASTER_PORT`` default to a one-rank group so a plain ``python train.py``
 works.  Of ours only the lighthouse address is required; ``TORCHFT_LIGHTHOUSE``
-is accepted as well so existing launch scripts keep working.
+is accepted as well so existing launch scripts keep working.  The value
+``none`` (said explicitly; an unset variable is still an error) means
+*standalone*: one group that trains without a lighthouse, for debugging a
+script before a real job (:attr:`Config.standalone`).
+
+Every :class:`ConfigError` is one line that names the variable, so an entry
+point can print it instead of a traceback (:func:`exit_on_config_error`).
 
 An empty (or all-blank) variable counts as unset: launch scripts often export
 ``VAR=`` to mean "no value", and treating that as a parse error helps nobody.
@@ -24,7 +30,9 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,6 +75,8 @@ ENV_VARS: dict[str, str] = {
 }
 LIGHTHOUSE_ALIAS = "TORCHFT_LIGHTHOUSE"
 TOKEN_FILE = "FTDILOCO_TOKEN_FILE"
+# FTDILOCO_LIGHTHOUSE=none: train as one group, without a lighthouse.
+NO_LIGHTHOUSE = "none"
 
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
@@ -74,7 +84,21 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
 class ConfigError(ValueError):
-    """A missing or invalid setting; the message names the variable and its value."""
+    """A missing or invalid setting; the message (one line) names the variable and its value."""
+
+    def __init__(self, message: str) -> None:
+        # One line even when an OS error's text brings its own line breaks.
+        super().__init__(" ".join(message.split()))
+
+
+@contextmanager
+def exit_on_config_error(program: str) -> Iterator[None]:
+    """In an entry point: a :class:`ConfigError` becomes one line on stderr and exit 2."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"{program}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _read(env: Mapping[str, str], variable: str) -> str | None:
@@ -184,9 +208,20 @@ def _normalise_lighthouse(variable: str, address: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
+def _is_none(addresses: Iterable[str]) -> bool:
+    """Is this the explicit ``none`` (standalone), and nothing else?"""
+    given = [a.strip().lower() for a in addresses if a.strip()]
+    return given == [NO_LIGHTHOUSE]
+
+
 def _lighthouses(variable: str, addresses: Iterable[str]) -> tuple[str, ...]:
     """Normalise and de-duplicate, keeping the order: it is the failover order."""
     given = tuple(addresses)
+    if any(a.strip().lower() == NO_LIGHTHOUSE for a in given):
+        raise ConfigError(
+            f"{variable}={','.join(given)!r}: '{NO_LIGHTHOUSE}' (standalone, no lighthouse) "
+            "cannot be combined with addresses"
+        )
     normalised = tuple(
         dict.fromkeys(_normalise_lighthouse(variable, a) for a in given if a.strip())
     )
@@ -195,11 +230,17 @@ def _lighthouses(variable: str, addresses: Iterable[str]) -> tuple[str, ...]:
     return normalised
 
 
+def _parse_lighthouse(variable: str, raw: str) -> tuple[str, ...]:
+    """Addresses, or () for the explicit ``none``."""
+    parts = raw.split(",")
+    return () if _is_none(parts) else _lighthouses(variable, parts)
+
+
 def _lighthouse_from_env(env: Mapping[str, str]) -> tuple[str, ...] | None:
     ours_var = ENV_VARS["lighthouse"]
     ours, alias = _read(env, ours_var), _read(env, LIGHTHOUSE_ALIAS)
-    parsed_ours = None if ours is None else _lighthouses(ours_var, ours.split(","))
-    parsed_alias = None if alias is None else _lighthouses(LIGHTHOUSE_ALIAS, alias.split(","))
+    parsed_ours = None if ours is None else _parse_lighthouse(ours_var, ours)
+    parsed_alias = None if alias is None else _parse_lighthouse(LIGHTHOUSE_ALIAS, alias)
     if parsed_ours is not None and parsed_alias is not None and parsed_ours != parsed_alias:
         raise ConfigError(
             f"{ours_var}={ours!r} and {LIGHTHOUSE_ALIAS}={alias!r} disagree; set only one"
@@ -275,6 +316,8 @@ class Config:
     checkpoint_dir: Path | None = None
     # Save every this many committed outer steps; None: only when asked.
     checkpoint_every: int | None = None
+    # FTDILOCO_LIGHTHOUSE=none: one group, no lighthouse (``lighthouse`` is then empty).
+    standalone: bool = False
 
     def __post_init__(self) -> None:
         _check("rank", self.rank, self.rank >= 0, "must be >= 0")
@@ -297,10 +340,22 @@ class Config:
                 self.num_replica_groups >= 1,
                 "must be >= 1",
             )
-        # Validates values given as overrides; idempotent for those from the environment.
-        object.__setattr__(
-            self, "lighthouse", _lighthouses(ENV_VARS["lighthouse"], self.lighthouse)
-        )
+        if self.standalone:
+            if self.lighthouse:
+                raise ConfigError(
+                    f"{ENV_VARS['lighthouse']}={','.join(self.lighthouse)!r}: a standalone "
+                    "job has no lighthouse"
+                )
+            if self.num_replica_groups not in (None, 1):
+                raise ConfigError(
+                    f"NUM_REPLICA_GROUPS={self.num_replica_groups} but "
+                    f"{ENV_VARS['lighthouse']}={NO_LIGHTHOUSE}: a standalone job is one group"
+                )
+        else:
+            # Validates values given as overrides; idempotent for those from the environment.
+            object.__setattr__(
+                self, "lighthouse", _lighthouses(ENV_VARS["lighthouse"], self.lighthouse)
+            )
         _check(
             "replica_id",
             self.replica_id,
@@ -374,6 +429,12 @@ class Config:
         given.update(overrides)
         if isinstance(given.get("lighthouse"), str):
             given["lighthouse"] = given["lighthouse"].split(",")
+        # () from the environment is its explicit "none"; an empty override is an
+        # omission, which the validation below refuses.
+        from_env_none = "lighthouse" not in overrides and given.get("lighthouse") == ()
+        if from_env_none or _is_none(given.get("lighthouse", ())):
+            given["lighthouse"] = ()
+            given.setdefault("standalone", True)
         if "lighthouse" not in given:
             raise ConfigError(
                 f"{ENV_VARS['lighthouse']} (or {LIGHTHOUSE_ALIAS}) is not set: give the "

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import structlog
 
-from ftdiloco.config import ENV_VARS, Config, ConfigError
+from ftdiloco.config import ENV_VARS, Config, ConfigError, exit_on_config_error
 
 LH = {"FTDILOCO_LIGHTHOUSE": "localhost:29510"}
 FQDN = "node7.cluster.example"
@@ -388,3 +388,51 @@ def test_invalid_checkpoint_settings_are_named(
 ) -> None:
     with pytest.raises(ConfigError, match=match):
         Config.from_env({**LH, **env}, **overrides)
+
+
+# -- standalone: FTDILOCO_LIGHTHOUSE=none ------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["none", "NONE", " none "])
+def test_none_means_standalone(value: str) -> None:
+    config = Config.from_env({"FTDILOCO_LIGHTHOUSE": value})
+    assert config.standalone and config.lighthouse == ()
+    assert Config.from_env({"TORCHFT_LIGHTHOUSE": value}).standalone
+    assert Config.from_env({}, lighthouse="none").standalone
+    assert not Config.from_env(LH).standalone
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "match"),
+    [
+        # Never by omission: unset or empty is still an error.
+        ({}, {}, "FTDILOCO_LIGHTHOUSE \\(or TORCHFT_LIGHTHOUSE\\) is not set"),
+        ({"FTDILOCO_LIGHTHOUSE": " "}, {}, "is not set"),
+        ({}, {"lighthouse": ()}, "names no lighthouse"),
+        ({"FTDILOCO_LIGHTHOUSE": "none,lh:1"}, {}, "'none' .* cannot be combined"),
+        (
+            {"FTDILOCO_LIGHTHOUSE": "none", "NUM_REPLICA_GROUPS": "3"},
+            {},
+            "NUM_REPLICA_GROUPS=3 but FTDILOCO_LIGHTHOUSE=none",
+        ),
+    ],
+)
+def test_standalone_must_be_said_and_be_one_group(
+    env: dict[str, str], overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Config.from_env(env, **overrides)
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    assert str(ConfigError("FTDILOCO_X='a'\nis\n  bad")) == "FTDILOCO_X='a' is bad"
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**LH, "FTDILOCO_TOKEN_FILE": str(tmp_path)})  # a directory
+    assert "\n" not in str(info.value) and "FTDILOCO_TOKEN_FILE" in str(info.value)
+
+
+def test_an_entry_point_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info, exit_on_config_error("train.py"):
+        Config.from_env({"FTDILOCO_LIGHTHOUSE": "lh:1", "RANK": "x"})
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "train.py: RANK='x' is not an integer\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -250,3 +251,27 @@ def test_progress_is_silent_when_stdout_is_not_a_terminal(
     progress.show("inner step 1/50")
     progress.clear()
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FTDILOCO_LIGHTHOUSE": "lh:1", "RANK": "x"}, "RANK='x' is not an integer"),
+        ({"FTDILOCO_LIGHTHOUSE": "lh:0"}, "FTDILOCO_LIGHTHOUSE: lighthouse address 'lh:0'"),
+        ({}, "FTDILOCO_LIGHTHOUSE (or TORCHFT_LIGHTHOUSE) is not set"),
+    ],
+)
+def test_a_configuration_error_is_one_line_naming_the_variable(
+    env: dict[str, str], message: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FTDILOCO", "TORCHFT"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "ftdiloco.examples.train_diloco", "--model-size", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"ftdiloco.examples.train_diloco: {message}")
+    assert result.stderr.count("\n") == 1, result.stderr

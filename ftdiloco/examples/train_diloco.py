@@ -42,13 +42,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ftdiloco.config import Config
+from ftdiloco.config import Config, exit_on_config_error
 from ftdiloco.data import ShardSampler
 from ftdiloco.examples.model import GPT, MODEL_SIZES, ByteDataset, default_corpus, load_corpus
 from lighthouse import logs
 
 if TYPE_CHECKING:
     from ftdiloco.diloco import SyncReport
+
+
+PROGRAM = "ftdiloco.examples.train_diloco"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure()
     # Read (and validate) the environment before building anything.
-    config = Config.from_env(**checkpoint_overrides(args))
+    # A bad setting is one line naming the variable, not a traceback.
+    with exit_on_config_error(PROGRAM):
+        config = Config.from_env(**checkpoint_overrides(args))
     if args.resume and config.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir (or FTDILOCO_CHECKPOINT_DIR)")
     leader = config.rank == 0  # the group's rank 0 speaks for it
