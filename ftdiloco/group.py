@@ -10,7 +10,7 @@ the same error.  No rank is ever left waiting.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,51 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from lighthouse import protocol
+from lighthouse import guard, protocol
+from lighthouse.history import HISTORY_CHARS
 
 log = structlog.get_logger(__name__)
 
 Decide = Callable[[dict[int, dict[str, Any]]], Awaitable[dict[str, Any]]]
+Check = Callable[[Mapping[str, Any]], None]
+
+# Rounds waiting for ranks at once; a newer one ends the oldest.
+MAX_OPEN_ROUNDS = 64
+# The longest a rank may ask to wait for the others.
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
+
+
+def _quorum_value(value: Mapping[str, Any]) -> None:
+    protocol._count(value, "step", 0)
+    protocol._text(value, "history", HISTORY_CHARS)
+    protocol._count(value, "commit_failures", 0)
+    protocol._text(value, "heal", protocol.MAX_ADDRESS_LEN)
+    protocol._field(value, "dirty", bool)
+
+
+def _vote_value(value: Mapping[str, Any]) -> None:
+    protocol._field(value, "ok", bool)
+
+
+def _checkpoint_value(value: Mapping[str, Any]) -> None:
+    protocol._field(value, "save", bool, False)
+    protocol._field(value, "stop", bool, False)
+
+
+def _resume_value(value: Mapping[str, Any]) -> None:
+    steps = protocol._field(value, "steps", list)
+    if not all(type(s) is int and s >= 0 for s in steps):
+        raise protocol.ProtocolError("field 'steps' must be a list of ints >= 0")
+
+
+# What each round kind's value must hold, checked when a rank contributes, so
+# that a malformed value is that rank's 400 and never reaches ``decide``.
+ROUND_VALUES: dict[str, Check] = {
+    "quorum": _quorum_value,
+    "vote": _vote_value,
+    "checkpoint": _checkpoint_value,
+    "resume": _resume_value,
+}
 
 
 class GroupError(RuntimeError):
@@ -54,9 +94,22 @@ class GroupGather:
             raise protocol.ProtocolError(f"unknown round kind {kind!r}")
         if not 0 <= rank < self.world_size:
             raise protocol.ProtocolError(f"group rank {rank} outside 0..{self.world_size - 1}")
+        check = ROUND_VALUES.get(kind)
+        if check is not None:
+            try:
+                check(value)
+            except protocol.ProtocolError as e:
+                raise protocol.ProtocolError(f"{kind} round value: {e}") from None
         key = f"{kind}/{round_no}"
         rnd = self._rounds.get(key)
         if rnd is None:
+            while len(self._rounds) >= MAX_OPEN_ROUNDS:
+                oldest = next(iter(self._rounds))
+                self._fail(
+                    oldest,
+                    self._rounds[oldest],
+                    GroupError(f"{oldest}: ended, {MAX_OPEN_ROUNDS} newer rounds are open"),
+                )
             rnd = self._rounds[key] = _Round(asyncio.get_running_loop().create_future())
         if rank in rnd.values:
             raise protocol.ProtocolError(f"rank {rank} already contributed to {key}")
@@ -96,31 +149,23 @@ class GroupGather:
     def add_routes(self, app: web.Application, token_ok: Callable[[web.Request], bool]) -> None:
         async def handle(request: web.Request) -> web.Response:
             if not token_ok(request):
-                return _error(401, "unauthorized", "missing or wrong token")
+                raise guard.Refused(401, "unauthorized", "wrong token")
+            message = protocol.unpack(await guard.read_body(request))
+            kind = protocol._text(message, "kind", 32)
+            round_no = protocol._count(message, "round", 0)
+            rank = protocol._count(message, "rank", 0)
+            timeout_ms = protocol._count(message, "timeout_ms", 1)
+            if timeout_ms > MAX_TIMEOUT_MS:
+                raise protocol.ProtocolError(f"field 'timeout_ms' must be <= {MAX_TIMEOUT_MS}")
+            value = protocol._field(message, "value", dict)
             try:
-                message = protocol.unpack(await request.read())
-                kind = protocol._text(message, "kind", 32)
-                round_no = protocol._count(message, "round", 0)
-                rank = protocol._count(message, "rank", 0)
-                timeout = protocol._count(message, "timeout_ms", 1) / 1000
-                value = protocol._field(message, "value", dict)
-            except protocol.ProtocolError as e:
-                return _error(400, "bad_request", str(e))
-            try:
-                answer = await self.contribute(kind, round_no, rank, value, timeout)
-            except protocol.ProtocolError as e:
-                return _error(400, "bad_request", str(e))
+                answer = await self.contribute(kind, round_no, rank, value, timeout_ms / 1000)
             except GroupError as e:
-                return _error(503, "group_round_failed", str(e))
+                raise guard.Refused(503, "group_round_failed", str(e)) from None
             return web.Response(body=protocol.pack(answer), content_type=protocol.CONTENT_TYPE)
 
+        guard.install(app)
         app.router.add_post("/v1/group/round", handle)
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.Response(
-        status=status, body=protocol.encode_error(code, message), content_type=protocol.CONTENT_TYPE
-    )
 
 
 async def contribute_remote(
@@ -152,6 +197,6 @@ async def contribute_remote(
             if resp.status != 200:
                 code, text = protocol.decode_error(payload)
                 raise GroupError(f"rank 0 answered {resp.status} {code}: {text}")
-            return protocol.unpack(payload)
+            return protocol.unpack(payload, protocol.ANSWER)
     except (aiohttp.ClientError, TimeoutError) as e:
         raise GroupError(f"cannot reach group rank 0 at {url}: {e!r}") from e

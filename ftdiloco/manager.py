@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import os
 import signal
 import threading
@@ -54,7 +53,7 @@ from ftdiloco.group import GroupGather, contribute_remote
 from ftdiloco.metrics import GroupMetrics
 from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
 from ftdiloco.transport import HealError, StateServer, fetch_state
-from lighthouse import protocol
+from lighthouse import guard, protocol
 from lighthouse.background import BackgroundLoop
 from lighthouse.client import AsyncLighthouseClient, LivenessLink
 from lighthouse.history import GENESIS, new_incarnation, next_history
@@ -152,11 +151,11 @@ class Manager:
         self._headers = {protocol.TOKEN_HEADER: f"Bearer {cfg.token}"} if cfg.token else {}
         self._lighthouse: AsyncLighthouseClient | None = None
         self._liveness: LivenessLink | None = None
-        self._store: TCPStore | None = None
+        self._store: process_group.RendezvousStore | None = None
         self._runner: web.AppRunner | None = None
         self.address = self._loop.run(self._serve(), timeout=30)
         if self.group_rank == 0:
-            self._store = process_group.host_store(cfg.host, 0, cfg.collective_timeout)
+            self._store = process_group.host_store(cfg.host, 0, cfg.collective_timeout, cfg.token)
             self._loop.run(self._connect_lighthouse(), timeout=30)
         self._leader_url = self._find_leader()
         self._log.info("manager ready", address=self.address, leader=self._leader_url)
@@ -396,6 +395,8 @@ class Manager:
             self._loop.run(self._shutdown(), timeout=10)
         finally:
             self._loop.close()
+            if self._store is not None:
+                self._store.close()
 
     def __enter__(self) -> Manager:
         return self
@@ -505,11 +506,7 @@ class Manager:
         )
 
     def _token_ok(self, request: web.Request) -> bool:
-        expected = self._headers.get(protocol.TOKEN_HEADER)
-        if expected is None:
-            return True
-        given = request.headers.get(protocol.TOKEN_HEADER, "")
-        return hmac.compare_digest(given.encode(), expected.encode())
+        return guard.request_token_ok(request, self.config.token)
 
     async def _connect_lighthouse(self) -> None:
         cfg = self.config
@@ -657,6 +654,7 @@ class Manager:
                     world_size=plan.replica_world_size,
                     timeout=cfg.collective_timeout,
                     host=cfg.host,
+                    token=cfg.token,
                 ),
                 "connect",
             ),

@@ -27,8 +27,10 @@ Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes
 Both answer 400 ``bad_request``, 401 ``unauthorized`` (when the server has a
 token, requests need ``Authorization: Bearer <token>``), 409 ``step_mismatch``
 (another step is served; the message says which) and 503 ``not_ready``
-(nothing is published, or it was retracted), with an
-``encode_error`` body.
+(nothing is published, or it was retracted), 429 ``busy`` (too many chunk
+requests at once: a few are served together, each with a buffer the size of
+what it sends, and a bounded number wait), with an ``encode_error`` body
+(lighthouse.guard: the project's one token check and error answer).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
-import hmac
 import itertools
 import json
 import math
@@ -44,7 +45,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,13 +56,13 @@ from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from ftdiloco.dtypes import SAFETENSORS_CODES
+from lighthouse import guard
 from lighthouse.protocol import (
+    ANSWER,
     CONTENT_TYPE,
     MAX_MESSAGE_BYTES,
-    TOKEN_HEADER,
     ProtocolError,
     decode_error,
-    encode_error,
     pack,
     unpack,
 )
@@ -98,6 +99,10 @@ _READ_BUFFER_BYTES = 4 << 20
 # Idle chunk buffers a StateServer keeps for the next requests (one per
 # connection of a typical heal).
 _POOLED_BUFFERS = 4
+# Chunks copied out and being sent at once (each holds one buffer), and the
+# requests that may wait for a turn; more are refused with 429.
+_SENDING_CHUNKS = 4
+_MAX_QUEUED_CHUNKS = 64
 _CHECKSUM_ATTEMPTS = 3
 _ERROR_BODY_LIMIT = 64 << 10
 _OCTET_STREAM = "application/octet-stream"
@@ -212,34 +217,8 @@ class _Publication:
     manifest: bytes | None = None
 
 
-class _Refused(Exception):
-    """A request this server will not serve; becomes an error answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _answer_refusals(handler: _Handler) -> _Handler:
-    """Turn _Refused into its answer inside the handler, so the routes need no
-    middleware on the manager's app."""
-
-    @functools.wraps(handler)
-    async def answering(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except _Refused as refused:
-            return web.Response(
-                status=refused.status,
-                body=encode_error(refused.code, str(refused)),
-                content_type=CONTENT_TYPE,
-            )
-
-    return answering
+# A request this server will not serve; becomes an error answer.
+_Refused = guard.Refused
 
 
 class StateServer:
@@ -255,16 +234,19 @@ class StateServer:
     def __init__(self, token: str | None = None, chunk_bytes: int = 8 << 20) -> None:
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
-        self._expected_auth = None if token is None else f"Bearer {token}".encode()
+        self._token = token
         self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
         self._published: _Publication | None = None
         # Used on the event loop's thread only.
         self._buffers: list[bytearray] = []
+        self._sending = asyncio.Semaphore(_SENDING_CHUNKS)
+        self._queued = 0
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/v1/heal/manifest", _answer_refusals(self._handle_manifest))
-        app.router.add_get("/v1/heal/chunk/{index}", _answer_refusals(self._handle_chunk))
+        guard.install(app)
+        app.router.add_get("/v1/heal/manifest", self._handle_manifest)
+        app.router.add_get("/v1/heal/chunk/{index}", self._handle_chunk)
 
     @property
     def step(self) -> int | None:
@@ -329,10 +311,7 @@ class StateServer:
 
     def _accept(self, request: web.Request) -> tuple[int, _Publication]:
         """Authorise the request and find the publication it asks for."""
-        if self._expected_auth is not None and not hmac.compare_digest(
-            request.headers.get(TOKEN_HEADER, "").encode(), self._expected_auth
-        ):
-            raise _Refused(401, "unauthorized", "missing or wrong token")
+        guard.authorize(request, self._token)
         step = _query_int(request, "step")
         published = self._published
         if published is None or published.step != step:
@@ -356,10 +335,29 @@ class StateServer:
                 f"{publication.layout.num_chunks} chunks",
             )
         start, end = publication.layout.chunk_span(index)
-        length = end - start
+        if self._queued >= _MAX_QUEUED_CHUNKS:
+            raise _Refused(
+                429,
+                "busy",
+                f"{self._queued} chunk requests are already being served or waiting;"
+                f" the limit is {_MAX_QUEUED_CHUNKS}",
+            )
+        self._queued += 1
+        try:
+            # The semaphore bounds the buffers alive at once, whatever the requests.
+            async with self._sending:
+                return await self._send_chunk(request, step, publication, index, end - start)
+        finally:
+            self._queued -= 1
+
+    async def _send_chunk(
+        self, request: web.Request, step: int, publication: _Publication, index: int, length: int
+    ) -> web.StreamResponse:
         # Zeroing and faulting in a fresh chunk-sized buffer per request costs
-        # as much CPU as the copy itself, hence the pool.
-        buffer = self._buffers.pop() if self._buffers else bytearray(self._chunk_bytes)
+        # as much CPU as the copy itself, hence the pool of full-sized ones; a
+        # shorter chunk (the last, or a small state) gets a buffer of its size.
+        full = length == self._chunk_bytes
+        buffer = self._buffers.pop() if full and self._buffers else bytearray(length)
 
         def copy_out() -> int | None:
             """The chunk's checksum once it is in ``buffer``; None if retracted.
@@ -391,7 +389,8 @@ class StateServer:
             # send yet instead of copying it; such a buffer must not be reused.
             transport = request.transport
             if (
-                transport is not None
+                full
+                and transport is not None
                 and transport.get_write_buffer_size() == 0
                 and len(self._buffers) < _POOLED_BUFFERS
             ):
@@ -512,7 +511,7 @@ def _read_manifest(
 ) -> tuple[_Layout, Mapping[str, torch.Tensor]]:
     """Check the manifest against ``into``; nothing has been written yet."""
     try:
-        manifest = unpack(body)
+        manifest = unpack(body, ANSWER)
     except ProtocolError as e:
         raise HealError(f"malformed manifest: {e}", "protocol") from None
     if _typed(manifest, "step", int) != step:
@@ -604,7 +603,7 @@ class _Fetch:
         self.step = step
         self.destination = into
         self.into: Mapping[str, torch.Tensor] = {}
-        self.headers = {} if token is None else {TOKEN_HEADER: f"Bearer {token}"}
+        self.headers = {} if token is None else guard.authorization(token)
         self.refetches = 0
 
     async def manifest(self) -> _Layout:

@@ -418,7 +418,7 @@ def _log_retry(what: str, state: RetryCallState) -> None:
 
 def _decode(address: str, body: bytes) -> dict[str, Any]:
     try:
-        return protocol.unpack(body)
+        return protocol.unpack(body, protocol.ANSWER)
     except protocol.ProtocolError as e:
         raise LighthouseError(f"{address} sent an unreadable answer: {e}") from e
 
@@ -545,7 +545,7 @@ class LivenessLink:
 
     def _deliver(self, data: bytes) -> None:
         try:
-            event = protocol.unpack(data)
+            event = protocol.unpack(data, protocol.ANSWER)
             protocol.event_type(event)
         except protocol.ProtocolError as e:
             log.warning("ignoring an unreadable event", replica_id=self.replica_id, error=str(e))

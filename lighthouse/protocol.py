@@ -9,6 +9,7 @@ server turns into a 400 with the message -- never a crash.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_ID_LEN = 256
 MAX_ADDRESS_LEN = 1024
+# A member's free-form ``data``, packed: it is copied into every quorum answer.
+MAX_DATA_BYTES = 64 << 10
 
 # Header carrying the shared token on every HTTP request and WebSocket upgrade.
 TOKEN_HEADER = "Authorization"
@@ -35,26 +38,93 @@ class ProtocolError(ValueError):
     """A message that cannot be understood; the text says what is wrong with it."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one decoded message may hold; checked while decoding, before any field is read.
+
+    Together they bound the work and memory a message costs and guarantee
+    that whatever is accepted can be packed again (msgpack's packer refuses
+    nesting deeper than 511), inside an answer that adds a few levels.
+    """
+
+    max_bytes: int = MAX_MESSAGE_BYTES
+    # Containers inside containers; the message itself is depth 1.
+    max_depth: int = 16
+    max_str: int = 64 << 10
+    max_bin: int = MAX_MESSAGE_BYTES
+    # Entries of one array or map.
+    max_items: int = 4096
+    # Every value of the message, containers included.
+    max_nodes: int = 1 << 16
+
+
+# What any request to any server may hold.
+REQUEST = Limits()
+# Answers a client reads from a server it trusts (a quorum of many members, a
+# heal manifest of many tensors): larger, and still bounded.
+ANSWER = Limits(max_bytes=64 << 20, max_depth=24, max_items=1 << 20, max_nodes=1 << 22)
+
+
 def pack(message: Mapping[str, Any]) -> bytes:
     packed: bytes = msgpack.packb({"v": PROTOCOL_VERSION, **message}, use_bin_type=True)
     return packed
 
 
-def unpack(body: bytes) -> dict[str, Any]:
-    """Decode one message and check its version; raises ProtocolError."""
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+def _check_shape(message: Any, limits: Limits) -> None:
+    """Depth and node count, without recursion (a deep message cannot exhaust the stack)."""
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > limits.max_nodes:
+            raise ProtocolError(f"message has more than {limits.max_nodes} values")
+        if isinstance(value, dict):
+            children: Any = itertools.chain(value.keys(), value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth >= limits.max_depth and value:
+            raise ProtocolError(f"message is nested deeper than {limits.max_depth} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def describe(value: Any) -> str:
+    """A short, safe rendering of a value from a message for an error text."""
+    if value is None or type(value) in (bool, int, float):
+        return repr(value)
+    if type(value) is str and len(value) <= 64:
+        return repr(value)
+    return f"a value of type {type(value).__name__}"
+
+
+def unpack(body: bytes, limits: Limits = REQUEST) -> dict[str, Any]:
+    """Decode one message within ``limits`` and check its version; raises ProtocolError."""
+    if len(body) > limits.max_bytes:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {limits.max_bytes}")
     try:
-        # unpackb derives its max_*_len limits from len(body).
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        message = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_str,
+            max_bin_len=limits.max_bin,
+            max_array_len=limits.max_items,
+            max_map_len=limits.max_items,
+            max_ext_len=0,  # no extension types (timestamps included) on this wire
+        )
     except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"body is not valid msgpack: {e}") from None
+        raise ProtocolError(f"body is not valid msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"message must be a map, got {type(message).__name__}")
+    _check_shape(message, limits)
     version = message.get("v")
-    if version != PROTOCOL_VERSION:
+    # Type-strict: True and 1.0 equal 1 in Python, but are not version 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"unsupported protocol version {version!r}; this lighthouse speaks {PROTOCOL_VERSION}"
+            f"unsupported protocol version {describe(version)}; this lighthouse speaks"
+            f" {PROTOCOL_VERSION}"
         )
     return message
 
@@ -128,11 +198,23 @@ def decode_member(message: Mapping[str, Any]) -> Member:
         world_size=_count(message, "world_size", 1, 1),
         shrink_only=_field(message, "shrink_only", bool, False),
         commit_failures=_count(message, "commit_failures", 0, 0),
-        data=_field(message, "data", dict, {}),
+        data=_data(message),
         incarnation=_text(message, "incarnation", MAX_ID_LEN, ""),
         history=_text(message, "history", HISTORY_CHARS, ""),
         expected_groups=_count(message, "expected_groups", 0, 0),
     )
+
+
+def _data(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A member's free-form ``data``: a map that packs into at most MAX_DATA_BYTES."""
+    data = _field(message, "data", dict, {})
+    try:
+        size = len(msgpack.packb(data, use_bin_type=True))
+    except Exception as e:  # only a message built in-process can get here
+        raise ProtocolError(f"field 'data' cannot be encoded: {type(e).__name__}") from None
+    if size > MAX_DATA_BYTES:
+        raise ProtocolError(f"field 'data' packs into {size} bytes, more than {MAX_DATA_BYTES}")
+    return data
 
 
 def encode_join(member: Member, timeout: float) -> bytes:

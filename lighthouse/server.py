@@ -16,7 +16,6 @@ so hostile or broken clients cannot crash, hang or exhaust the daemon.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import importlib.resources
 import os
 import socket
@@ -28,11 +27,10 @@ from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lighthouse import protocol
+from lighthouse import guard, protocol
 from lighthouse.lease import Lease
 from lighthouse.quorum import (
     Eviction,
@@ -59,10 +57,6 @@ _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
-# Refusals that are part of normal operation, logged at info rather than warning.
-_ROUTINE_REFUSALS = frozenset(
-    {"timeout", "superseded", "evicted", "shutting_down", "stale_incarnation"}
-)
 
 
 @dataclass(frozen=True)
@@ -115,15 +109,8 @@ def wall_clock_epoch() -> int:
     return int(time.time() * 1000) << 20
 
 
-class _HttpError(Exception):
-    """A refusal with its status, machine-readable code and human message."""
-
-    def __init__(self, status: int, code: str, message: str, replica: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.replica = replica
+# A refusal with its status, machine-readable code and human message.
+_HttpError = guard.Refused
 
 
 @dataclass(frozen=True)
@@ -210,48 +197,8 @@ class _Metrics:
             self.fences.labels(answer)
 
 
-def _refusal(status: int, code: str, message: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=protocol.encode_error(code, message),
-        content_type=protocol.CONTENT_TYPE,
-    )
-
-
 def _msgpack(body: bytes) -> web.Response:
     return web.Response(body=body, content_type=protocol.CONTENT_TYPE)
-
-
-@web.middleware
-async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turns every failure of a handler into an answer and a log line, never a crash."""
-    try:
-        return await handler(request)
-    except _HttpError as e:
-        refused: _HttpError = e
-    except protocol.ProtocolError as e:
-        message = str(e)
-        if request.content_type != protocol.CONTENT_TYPE:
-            message += (
-                f" (Content-Type is {request.content_type}, expected {protocol.CONTENT_TYPE})"
-            )
-        refused = _HttpError(400, "bad_request", message)
-    except web.HTTPException:
-        raise  # aiohttp's own answers (404, 405, a bad upgrade) already carry a message
-    except Exception as e:
-        _log.exception("internal error", path=request.path, peer=request.remote)
-        return _refusal(500, "internal", f"internal error: {type(e).__name__}: {e}")
-    log = _log.info if refused.code in _ROUTINE_REFUSALS else _log.warning
-    log(
-        "request refused",
-        status=refused.status,
-        reason=refused.code,
-        message=refused.message,
-        replica=refused.replica,
-        path=request.path,
-        peer=request.remote,
-    )
-    return _refusal(refused.status, refused.code, refused.message)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -314,7 +261,7 @@ class LighthouseServer:
             importlib.resources.files("lighthouse").joinpath("dashboard.html").read_bytes()
         )
         app = web.Application(
-            client_max_size=self.config.max_body_bytes, middlewares=[_error_middleware]
+            client_max_size=self.config.max_body_bytes, middlewares=[guard.middleware]
         )
         app.router.add_post("/v1/join", self._join)
         app.router.add_post("/v1/heartbeat", self._heartbeat)
@@ -443,9 +390,19 @@ class LighthouseServer:
     def _release(self, quorum: Quorum, reason: str) -> None:
         """Hand the quorum to every member's waiting join and WebSocket, encoded once."""
         self._formed_unix = time.time() - (self._loop.time() - quorum.created)
-        encoded = protocol.encode_quorum(quorum, self._formed_unix)
-        answer = protocol.pack({"quorum": encoded, "lease": self._lease is not None})
-        event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
+        try:
+            encoded = protocol.encode_quorum(quorum, self._formed_unix)
+            answer = protocol.pack({"quorum": encoded, "lease": self._lease is not None})
+            event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
+        except Exception as e:
+            # Joins are checked so that this cannot happen; if it ever does,
+            # every member still gets an answer now instead of a timeout.
+            _log.error("quorum cannot be encoded", quorum_id=quorum.quorum_id, error=repr(e))
+            for rid in quorum.replica_ids:
+                if rid in self._waiters:
+                    message = f"quorum {quorum.quorum_id} could not be encoded: {e!r}"
+                    self._resolve(rid, _HttpError(500, "internal", message, replica=rid))
+            return
         last_arrival = float("-inf")
         for rid in quorum.replica_ids:
             waiter = self._waiters.pop(rid, None)
@@ -496,18 +453,7 @@ class LighthouseServer:
     # -- request plumbing ----------------------------------------------------------
 
     def _authorize(self, request: web.Request) -> None:
-        token = self.config.token
-        if token is None:
-            return
-        scheme, _, given = request.headers.get(protocol.TOKEN_HEADER, "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise _HttpError(
-                401, "unauthorized", "this lighthouse requires 'Authorization: Bearer <token>'"
-            )
-        if not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
-        ):
-            raise _HttpError(401, "unauthorized", "wrong token")
+        guard.authorize(request, self.config.token)
 
     def _refuse_if_stopping(self) -> None:
         if self._stopping:
@@ -530,14 +476,7 @@ class LighthouseServer:
             self._open -= 1
 
     async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.config.max_body_bytes
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise _HttpError(413, "too_large", f"body of {declared} bytes exceeds {limit}")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _HttpError(413, "too_large", f"body exceeds {limit} bytes") from None
+        return await guard.read_body(request, self.config.max_body_bytes)
 
     # -- replica endpoints -----------------------------------------------------------
 

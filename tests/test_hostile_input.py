@@ -10,8 +10,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import msgpack
 import pytest
+from aiohttp import web
 
-from lighthouse import protocol
+from ftdiloco.group import GroupGather
+from ftdiloco.process_group import RendezvousStore, host_store
+from ftdiloco.transport import StateServer
+from lighthouse import guard, protocol
 from lighthouse.server import WS_MAX_FRAME_BYTES, LighthouseServer, _Connection
 from tests.lighthouse_support import (
     Lighthouses,
@@ -263,3 +267,217 @@ async def test_a_replica_that_stops_reading_is_disconnected_not_buffered():
     await eventually(lambda: ws.closed_with is not None)
     assert ws.closed_with == aiohttp.WSCloseCode.POLICY_VIOLATION
     conn.discard()
+
+
+# -- issue 11: what a fuzzing run found -------------------------------------------------
+
+
+def nested(depth: int, leaf: object = 0) -> object:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_a_deeply_nested_join_is_refused_and_never_blocks_the_others(lighthouses, session):
+    """Finding 1: the hostile join decoded, then its quorum could not be packed."""
+    server = await lighthouses.start(min_replicas=2, join_timeout=30.0)
+    hostile = join_fields(data={"x": nested(1000)}, timeout_ms=5000)
+    status, answer = await post(session, server.url, "/v1/join", hostile)
+    assert (status, answer["error"]) == (400, "bad_request")
+    assert "nested deeper than" in answer["message"]
+    honest = await asyncio.wait_for(
+        asyncio.gather(join(session, server.url, "a"), join(session, server.url, "b")), 10
+    )
+    assert [quorum_of(a).replica_ids for a in honest] == [("a", "b")] * 2
+
+
+async def test_free_form_data_is_bounded_so_every_quorum_can_be_answered(lighthouses, session):
+    server = await lighthouses.start()
+    big = {"blob": b"\x00" * (protocol.MAX_DATA_BYTES + 1)}
+    status, answer = await post(session, server.url, "/v1/join", join_fields(data=big))
+    assert (status, answer["error"]) == (400, "bad_request")
+    assert "'data' packs into" in answer["message"]
+    await still_serves(session, server)
+
+
+@pytest.mark.parametrize("path", ["/v1/join", "/v1/heartbeat", "/v1/fence", "/v1/kill"])
+async def test_a_deeply_nested_version_gets_400_not_500(session, server, path):
+    """Finding 2: formatting the error for a deep "v" raised RecursionError."""
+    status, answer = await post(session, server.url, path, raw({"v": nested(1020)}))
+    assert (status, answer["error"]) == (400, "bad_request")
+    await still_serves(session, server)
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", [1]], ids=["bool", "float", "text", "list"])
+async def test_the_version_check_is_type_strict(session, server, version):
+    """Finding 7: True and 1.0 passed as version 1."""
+    status, answer = await post(
+        session, server.url, "/v1/heartbeat", raw({"v": version, "replica_id": "r"})
+    )
+    assert (status, answer["error"]) == (400, "bad_request")
+    assert "unsupported protocol version" in answer["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/join", "/v1/heartbeat", "/v1/kill"])
+async def test_a_bogus_content_encoding_gets_400(session, server, path):
+    """Finding 3: a body that claims gzip and is not."""
+    status, answer = await post(
+        session, server.url, path, b"not gzip at all", headers={"Content-Encoding": "gzip"}
+    )
+    assert (status, answer["error"]) == (400, "bad_request")
+    assert "content-encoding" in answer["message"].lower()
+    await still_serves(session, server)
+
+
+@pytest.mark.parametrize(
+    "limit, message",
+    [
+        (raw({"v": 1, "replica_id": "r", "data": {"k": list(range(5000))}}), "max_array_len"),
+        (raw({"v": 1, "replica_id": "r", "data": {str(i): i for i in range(5000)}}), "max_map_len"),
+        (raw({"v": 1, "replica_id": "r", "data": {"s": "x" * 70_000}}), "max_str_len"),
+        (b"\x82\xa1v\x01\xa1t\xd6\xff\x00\x00\x00\x00", "not valid msgpack"),
+    ],
+    ids=["long array", "many keys", "long string", "ext type"],
+)
+async def test_limits_hold_at_decode_time(lighthouses, session, limit, message):
+    server = await lighthouses.start()
+    status, answer = await post(session, server.url, "/v1/join", limit)
+    assert (status, answer["error"]) == (400, "bad_request")
+    assert message in answer["message"]
+
+
+TOKEN = "s3cret"
+
+
+class GroupServer:
+    """A group rank 0's server as the manager builds it: the group round, the
+    heal routes and the rendezvous store, all with the token set."""
+
+    def __init__(self, gather: GroupGather, url: str, store: RendezvousStore) -> None:
+        self.gather = gather
+        self.url = url
+        self.store = store
+
+
+@pytest.fixture
+async def group_server() -> AsyncIterator[GroupServer]:
+    async def decide_quorum(values: dict[int, dict[str, object]]) -> dict[str, object]:
+        # What the manager's decision reads of the values, unchecked.
+        return {"step": max(int(v["step"]) for v in values.values())}  # type: ignore[call-overload]
+
+    async def decide_vote(values: dict[int, dict[str, object]]) -> dict[str, object]:
+        return {"commit": all(v["ok"] for v in values.values())}
+
+    gather = GroupGather(2, {"quorum": decide_quorum, "vote": decide_vote})
+    app = web.Application()
+    StateServer(TOKEN).add_routes(app)
+    gather.add_routes(app, lambda request: guard.request_token_ok(request, TOKEN))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    store = await asyncio.to_thread(host_store, "127.0.0.1", 0, 5.0, TOKEN)
+    yield GroupServer(gather, f"http://127.0.0.1:{port}", store)
+    await asyncio.to_thread(store.close)
+    await runner.cleanup()
+
+
+def group_round(kind: str, rank: int, value: object, timeout_ms: int = 5000) -> bytes:
+    return protocol.pack(
+        {"kind": kind, "round": 1, "rank": rank, "value": value, "timeout_ms": timeout_ms}
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, value, named",
+    [
+        ("quorum", {"history": "h", "commit_failures": 0, "heal": "x", "dirty": False}, "step"),
+        (
+            "quorum",
+            {"step": "7", "history": "", "commit_failures": 0, "heal": "", "dirty": False},
+            "step",
+        ),
+        ("vote", {}, "ok"),
+        ("vote", {"ok": 1}, "ok"),
+    ],
+)
+async def test_a_malformed_round_value_is_that_ranks_400(session, group_server, kind, value, named):
+    """Finding 6: the value reached the decision and failed everyone's round with 503."""
+    honest_value = (
+        {"step": 3, "history": "", "commit_failures": 0, "heal": "x", "dirty": False}
+        if kind == "quorum"
+        else {"ok": True}
+    )
+    honest = asyncio.create_task(group_server.gather.contribute(kind, 1, 0, honest_value, 10.0))
+    status, answer = await post(
+        session, group_server.url, "/v1/group/round", group_round(kind, 1, value), TOKEN
+    )
+    assert (status, answer["error"]) == (400, "bad_request")
+    assert repr(named) in answer["message"]
+    # The round is not poisoned: the rank sends a good value and both get the answer.
+    status, answer = await post(
+        session, group_server.url, "/v1/group/round", group_round(kind, 1, honest_value), TOKEN
+    )
+    assert status == 200, answer
+    assert (await asyncio.wait_for(honest, 5)) == {k: v for k, v in answer.items() if k != "v"}
+
+
+async def test_the_group_round_survives_deep_nesting_and_bogus_encodings(session, group_server):
+    """Findings 2 and 3 on the manager's server."""
+    url = group_server.url + "/v1/group/round"
+    status, answer = await post(
+        session, group_server.url, "/v1/group/round", raw({"v": nested(1020)}), TOKEN
+    )
+    assert (status, answer["error"]) == (400, "bad_request")
+    async with session.post(
+        url, data=b"junk", headers={"Content-Encoding": "gzip", **guard.authorization(TOKEN)}
+    ) as response:
+        assert response.status == 400
+        code, message = protocol.decode_error(await response.read())
+    assert code == "bad_request"
+    assert "content-encoding" in message.lower()
+
+
+AUTH_HEADERS = {
+    "exact": (f"Bearer {TOKEN}", True),
+    "lower-case scheme": (f"bearer {TOKEN}", True),
+    "upper-case scheme": (f"BEARER {TOKEN}", True),
+    "two spaces": (f"Bearer  {TOKEN}", True),
+    "no header": (None, False),
+    "no scheme": (TOKEN, False),
+    "other scheme": (f"Basic {TOKEN}", False),
+    "no space": (f"Bearer{TOKEN}", False),
+    "tab": (f"Bearer\t{TOKEN}", False),
+    "scheme only": ("Bearer", False),
+    "wrong token": ("Bearer guess", False),
+    "token prefix": (f"Bearer {TOKEN[:-1]}", False),
+    "token and more": (f"Bearer {TOKEN}x", False),
+}
+
+
+@pytest.mark.parametrize("header, accepted", AUTH_HEADERS.values(), ids=AUTH_HEADERS.keys())
+async def test_one_token_check_everywhere(lighthouses, session, group_server, header, accepted):
+    """Finding 9: the lighthouse took forms the manager and heal servers refused."""
+    server = await lighthouses.start(token=TOKEN)
+    headers = {} if header is None else {"Authorization": header}
+    requests = {
+        "lighthouse": ("POST", server.url + "/v1/heartbeat", protocol.encode_heartbeat("r")),
+        "group round": (
+            "POST",
+            group_server.url + "/v1/group/round",
+            group_round("vote", 1, {"ok": True}, 1),
+        ),
+        "heal": ("GET", group_server.url + "/v1/heal/manifest?step=0", None),
+        "store": (
+            "POST",
+            f"http://{group_server.store.address}/v1/store",
+            protocol.pack({"op": "num_keys"}),
+        ),
+    }
+    authorized = {}
+    for name, (method, url, body) in requests.items():
+        async with session.request(method, url, data=body, headers=headers) as response:
+            authorized[name] = response.status != 401
+    assert authorized == dict.fromkeys(requests, accepted)

@@ -1,0 +1,196 @@
+"""What every server of the project does at its door: one token check, one error answer.
+
+The lighthouse, a group's manager server (the group round, the heal routes,
+the rendezvous store) all use these, so a header accepted by one is accepted
+by every other, and a refusal looks the same wherever it comes from: a 4xx
+status with a msgpack ``encode_error`` body naming what was wrong.
+
+The token travels as ``Authorization: Bearer <token>``.  As RFC 7235 says, the
+scheme is case-insensitive and one or more spaces separate it from the
+credentials; the token itself is compared exactly, in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from lighthouse import protocol
+
+_log = structlog.get_logger(__name__)
+
+SCHEME = "bearer"
+# Refusals that are part of normal operation, logged at info rather than warning.
+ROUTINE = frozenset(
+    {
+        "timeout",
+        "superseded",
+        "evicted",
+        "shutting_down",
+        "stale_incarnation",
+        "not_ready",
+        "step_mismatch",
+        "group_round_failed",
+    }
+)
+
+
+class Refused(Exception):
+    """A request that will not be served: its status, machine-readable code, message."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        replica: str | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.replica = replica
+        # The connection cannot carry another request (its body was unreadable).
+        self.close = close
+
+
+def authorization(token: str) -> dict[str, str]:
+    """The header a client sends to a server that requires ``token``."""
+    return {protocol.TOKEN_HEADER: f"Bearer {token}"}
+
+
+def token_ok(header: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header value carries ``token`` (always, with no token)."""
+    if token is None:
+        return True
+    if header is None:
+        return False
+    scheme, _, given = header.partition(" ")
+    given = given.lstrip(" ")
+    if scheme.lower() != SCHEME or not given:
+        return False
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
+    )
+
+
+def request_token_ok(request: web.Request, token: str | None) -> bool:
+    return token_ok(request.headers.get(protocol.TOKEN_HEADER), token)
+
+
+def authorize(request: web.Request, token: str | None) -> None:
+    """Raise the 401 refusal unless the request carries ``token``."""
+    if token is None:
+        return
+    if protocol.TOKEN_HEADER not in request.headers:
+        raise Refused(401, "unauthorized", "this server requires 'Authorization: Bearer <token>'")
+    if not request_token_ok(request, token):
+        raise Refused(401, "unauthorized", "wrong token")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    """The one shape of every refusal: a msgpack map with ``error`` and ``message``."""
+    return web.Response(
+        status=status,
+        body=protocol.encode_error(code, message[:4096]),
+        content_type=protocol.CONTENT_TYPE,
+    )
+
+
+async def read_body(request: web.Request, limit: int = protocol.MAX_MESSAGE_BYTES) -> bytes:
+    """The request body, at most ``limit`` bytes; a body that cannot be read is a 4xx."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise Refused(413, "too_large", f"body of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    try:
+        async for data in request.content.iter_any():
+            body += data
+            if len(body) > limit:
+                raise Refused(413, "too_large", f"body exceeds {limit} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        raise Refused(413, "too_large", f"body exceeds {limit} bytes") from None
+    except (web.RequestPayloadError, ValueError) as e:
+        raise _unreadable(request, e) from None
+    return bytes(body)
+
+
+def _unreadable(request: web.Request, error: Exception) -> Refused:
+    """A bogus Content-Encoding, a broken chunked body, ...: the client's fault.
+
+    The rest of such a body cannot be read either; marking it ended keeps
+    aiohttp from trying to drain it after the answer (a traceback in the logs),
+    and the answer closes the connection.
+    """
+    request.content.feed_eof()
+    message = " ".join(str(error).split())
+    return Refused(400, "bad_request", f"cannot read the body: {message}", close=True)
+
+
+def _refusal_of(request: web.Request, error: Exception) -> Refused | None:
+    if isinstance(error, Refused):
+        return error
+    if isinstance(error, protocol.ProtocolError):
+        message = str(error)
+        if request.content_type != protocol.CONTENT_TYPE:
+            message += (
+                f" (Content-Type is {request.content_type}, expected {protocol.CONTENT_TYPE})"
+            )
+        return Refused(400, "bad_request", message)
+    if isinstance(error, web.RequestPayloadError):
+        return _unreadable(request, error)
+    return None
+
+
+def answer(request: web.Request, error: Exception) -> web.Response:
+    """The answer to a handler's exception, logged once: a 4xx for the client's
+    faults, a 500 with the error's text for our own."""
+    refused = _refusal_of(request, error)
+    if refused is None:
+        _log.error(
+            "internal error",
+            path=request.path,
+            peer=request.remote,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+        return error_response(500, "internal", f"internal error: {type(error).__name__}: {error}")
+    log = _log.info if refused.code in ROUTINE else _log.warning
+    log(
+        "request refused",
+        status=refused.status,
+        reason=refused.code,
+        message=refused.message,
+        replica=refused.replica,
+        path=request.path,
+        peer=request.remote,
+    )
+    response = error_response(refused.status, refused.code, refused.message)
+    if refused.close:
+        response.force_close()
+    return response
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turns every failure of a handler into an answer and a log line, never a crash."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (404, 405, a bad upgrade) already carry a message
+    except Exception as e:
+        return answer(request, e)
+
+
+def install(app: web.Application) -> None:
+    """Put :func:`middleware` on ``app`` once, whoever asks first."""
+    if middleware not in app.middlewares:
+        app.middlewares.append(middleware)
+
+
+RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
