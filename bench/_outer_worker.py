@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from ftdiloco import manager as manager_module  # noqa: E402
 from ftdiloco import process_group  # noqa: E402
+from ftdiloco.allreduce import Work  # noqa: E402
 from ftdiloco.diloco import DiLoCo  # noqa: E402
-from ftdiloco.manager import Manager, Work  # noqa: E402
+from ftdiloco.manager import Manager  # noqa: E402
 from lighthouse import logs  # noqa: E402
 
 # A 10M-parameter transformer's tensors: an embedding, two blocks of

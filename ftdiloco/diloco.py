@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ftdiloco.allreduce import Work
 from ftdiloco.compression import Codec, get_codec
-from ftdiloco.manager import Work
 from ftdiloco.plan import QuorumPlan
 
 

@@ -22,9 +22,8 @@ import asyncio
 import concurrent.futures
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from torch._C._distributed_c10d import TCPStore
 
 from ftdiloco import process_group
+from ftdiloco.allreduce import Bucketer, Work, serially, start_thread
 from ftdiloco.checkpoint import (
     CheckpointError,
     check_layout,
@@ -65,18 +65,6 @@ T = TypeVar("T")
 StateSave = Callable[[], dict[str, torch.Tensor]]
 StateLoad = Callable[[dict[str, torch.Tensor]], None]
 
-# The allreduce goes in buckets of at most BUCKET_BYTES, each sent as soon as
-# it is ready, so copying, sending and averaging overlap (smaller buckets
-# measured slower with gloo: each collective has a fixed cost).  Tensors of at
-# least DIRECT_BYTES are sent in place, sliced to BUCKET_BYTES; smaller ones
-# are copied into flat buckets, so a model's many small vectors cost few
-# collectives.
-BUCKET_BYTES = 16 << 20
-DIRECT_BYTES = 1 << 20
-# torch's parallel grain (at::internal::GRAIN_SIZE): smaller ops stay on the
-# calling thread.  See _serially.
-SERIAL_NUMEL = 32768
-
 
 class MemberLost(RuntimeError):
     """The lighthouse reported that a member of the current quorum died."""
@@ -86,29 +74,6 @@ class MemberLost(RuntimeError):
 class _State:
     save: StateSave
     load: StateLoad
-
-
-class Work:
-    """An allreduce in flight; ``wait`` returns whether it succeeded."""
-
-    def __init__(self, finish: Callable[[], bool]) -> None:
-        self._finish = finish
-        self._ok: bool | None = None
-        # Payload bytes this group sent, when the exchange knows them.
-        self.nbytes: int | None = None
-        # True when the wait was given up while the collective still ran: a
-        # thread of the aborted backend may yet write into the tensors, so the
-        # caller must not reuse them (DiLoCo takes fresh buffers).
-        self.abandoned = False
-
-    def wait(self) -> bool:
-        if self._ok is None:
-            self._ok = self._finish()
-        return self._ok
-
-    @classmethod
-    def done(cls, ok: bool) -> Work:
-        return cls(lambda: ok)
 
 
 class Manager:
@@ -141,7 +106,7 @@ class Manager:
         self._error: BaseException | None = None
         self._abort: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._states: dict[str, _State] = {}
-        self._buckets: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._bucketer = Bucketer()
         self._dirty = False
         self._state_server = StateServer(self.config.token)
         self.metrics = GroupMetrics()
@@ -292,7 +257,7 @@ class Manager:
         pending = []
         try:
             # _pack copies the next bucket only after this one is on its way.
-            for bucket, parts in self._pack(tensors):
+            for bucket, parts in self._bucketer.pack(tensors):
                 pending.append((pg.allreduce([bucket]), parts))
         except Exception as e:
             self.report_error(e)
@@ -304,9 +269,9 @@ class Manager:
             for work, parts in pending:
                 work.wait()
                 for t, summed in parts:
-                    _serially(lambda out, src: torch.div(src, contributors, out=out), t, summed)
+                    serially(lambda out, src: torch.div(src, contributors, out=out), t, summed)
 
-        return self._work(_start_thread(finish, "allreduce"))
+        return self._work(start_thread(finish, "allreduce"))
 
     def _allreduce_coded(
         self,
@@ -339,7 +304,7 @@ class Manager:
             for exchange in pending:
                 exchange.wait()
 
-        work = self._work(_start_thread(finish, "allreduce"))
+        work = self._work(start_thread(finish, "allreduce"))
         work.nbytes = sum(exchange.nbytes for exchange in pending)
         return work
 
@@ -645,7 +610,7 @@ class Manager:
             return
         cfg = self.config
         self._pg = self._await(
-            _start_thread(
+            start_thread(
                 lambda: process_group.connect(
                     backend=self.backend,
                     store_address=plan.store_address,
@@ -674,7 +639,7 @@ class Manager:
         if pg is not None:
             # Finished aborts are dropped here, so their groups die on this thread.
             self._aborts = [(g, f) for g, f in self._aborts if not f.done()]
-            self._aborts.append((pg, _start_thread(lambda: process_group.abort(pg), "abort")))
+            self._aborts.append((pg, start_thread(lambda: process_group.abort(pg), "abort")))
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -740,54 +705,6 @@ class Manager:
             tensors=len(received),
             seconds=round(seconds, 3),
         )
-
-    def _pack(
-        self, tensors: Sequence[torch.Tensor]
-    ) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """The buckets to allreduce, each with (tensor, its summed values in the bucket) pairs.
-
-        Lazy, so the caller sends each bucket before the next is copied.  First
-        the tensors sent in place (contiguous, and large or alone), sliced to
-        BUCKET_BYTES: no copy, so the first collective starts at once.  Then
-        the others, copied into flat buffers of at most BUCKET_BYTES (or one
-        tensor's size, for a large tensor that is not contiguous).
-        """
-        small = []
-        for t in tensors:
-            nbytes = t.numel() * t.element_size()
-            if t.is_contiguous() and (nbytes >= DIRECT_BYTES or len(tensors) == 1):
-                whole, step = t.view(-1), max(1, BUCKET_BYTES // t.element_size())
-                for start in range(0, whole.numel(), step):
-                    piece = whole[start : start + step]
-                    yield piece, [(piece, piece)]
-            else:
-                small.append(t)
-        groups: list[list[torch.Tensor]] = []
-        size = 0
-        for t in small:
-            same = groups and groups[-1][0].dtype == t.dtype and groups[-1][0].device == t.device
-            if not same or size + t.numel() * t.element_size() > BUCKET_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.numel() * t.element_size()
-        for index, group in enumerate(groups):
-            numel = sum(t.numel() for t in group)
-            key = (index, group[0].dtype, group[0].device, numel)
-            cached = self._buckets.get(key)
-            flat = (
-                cached[0]
-                if cached
-                else torch.empty(numel, dtype=group[0].dtype, device=group[0].device)
-            )
-            self._buckets[key] = [flat]
-            parts, offset = [], 0
-            for t in group:
-                summed = flat[offset : offset + t.numel()].view_as(t)
-                _serially(lambda out, src: out.copy_(src), summed, t)
-                parts.append((t, summed))
-                offset += t.numel()
-            yield flat, parts
 
     def _await(self, future: concurrent.futures.Future[T], timeout: float, what: str) -> T:
         """Wait for side-thread work, giving up at the deadline or when a member dies."""
@@ -1052,42 +969,3 @@ def _refuse(status: int, code: str, text: str) -> web.Response:
     return web.Response(
         status=status, body=protocol.encode_error(code, text), content_type=protocol.CONTENT_TYPE
     )
-
-
-def _serially(
-    op: Callable[[torch.Tensor, torch.Tensor], object], out: torch.Tensor, src: torch.Tensor
-) -> None:
-    """``op(out, src)`` for an elementwise op, on the calling thread alone.
-
-    A large op on CPU tensors goes to torch's OpenMP team, whose threads then
-    compete for the cores with gloo's, busy with the other buckets; when they
-    do not all get a core the team waits for its slowest member (2 processes
-    on 2 cores: 30 ms instead of 0.3 ms to divide 4 MB).  Slices below torch's
-    parallel grain never leave the calling thread.
-    """
-    at_once = (
-        src.device.type != "cpu"
-        or torch.get_num_threads() == 1
-        or src.numel() <= SERIAL_NUMEL
-        or not (out.is_contiguous() and src.is_contiguous())
-    )
-    if at_once:
-        op(out, src)
-        return
-    out, src = out.view(-1), src.view(-1)
-    for start in range(0, src.numel(), SERIAL_NUMEL):
-        op(out[start : start + SERIAL_NUMEL], src[start : start + SERIAL_NUMEL])
-
-
-def _start_thread(fn: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
-    """Run ``fn`` on a fresh daemon thread: an abandoned call must not block the next one."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def target() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as e:
-            future.set_exception(e)
-
-    threading.Thread(target=target, name=f"ftdiloco-{name}", daemon=True).start()
-    return future

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from ftdiloco.allreduce import Work
 from ftdiloco.compression import Codec, compressed_allreduce
-from ftdiloco.manager import Work
 from ftdiloco.plan import QuorumPlan, plan_quorum
 from lighthouse.protocol import QuorumInfo
 from lighthouse.quorum import Member
