@@ -3,18 +3,30 @@
 ``ftdiloco launch``     a lighthouse and N replica groups, optionally killed at random
 ``ftdiloco status``     the current quorum and its members, from a lighthouse's /status
 ``ftdiloco lighthouse`` the lighthouse of a batch job: stops once every group is done
+``ftdiloco kill GROUP`` / ``checkpoint`` / ``shutdown``  operate a running job, for scripts
+
+The operating commands find the lighthouse in ``--lighthouse`` or else in
+``FTDILOCO_LIGHTHOUSE`` (or ``TORCHFT_LIGHTHOUSE``), and send the token from
+``FTDILOCO_TOKEN`` / ``FTDILOCO_TOKEN_FILE`` when one is set.  Each prints one
+line and exits 0 when done, 2 when the lighthouse (or a group) cannot be
+reached or refuses.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lighthouse import logs
+
+if TYPE_CHECKING:
+    from lighthouse.client import LighthouseClient
 
 EXIT_UNREACHABLE = 2
 
@@ -97,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="FTDILOCO_TIMEOUT for the groups; short suits a local demo (default 10)",
     )
+    add(
+        "--out",
+        metavar="DIR",
+        help="keep each group's log, steps.jsonl (every group's outer steps), events.jsonl, "
+        "summary.json and loss.png (needs matplotlib) in DIR",
+    )
     add("--seed", type=int, help="seed for picking which group to kill")
     add("-v", "--verbose", action="store_true", help="show the library's info logs too")
     add(
@@ -112,20 +130,33 @@ def _parser() -> argparse.ArgumentParser:
         description="Show a lighthouse's current quorum and members. Exits 2 if it cannot "
         "be reached.",
     )
-    status.add_argument(
-        "--lighthouse",
-        required=True,
-        metavar="URL",
-        help="lighthouse address, http://host:port or host:port (comma-separated for several)",
-    )
+    _operator_flags(status)
     status.add_argument("--json", action="store_true", help="print /status as raw JSON")
-    status.add_argument(
-        "--timeout",
-        type=_positive(float),
-        default=3.0,
-        metavar="SECONDS",
-        help="give up after this long (default 3)",
+
+    kill = commands.add_parser(
+        "kill",
+        help="evict a replica group from the job (the lighthouse tells it to stop)",
+        description="Ask the lighthouse to kill GROUP (a replica id such as group1, or its "
+        "number). Needs the token when the job has one.",
     )
+    kill.add_argument("group", metavar="GROUP", help="replica id (group1) or group number (1)")
+    kill.add_argument("--reason", default="ftdiloco kill", help="recorded with the kill")
+    _operator_flags(kill)
+
+    checkpoint = commands.add_parser(
+        "checkpoint",
+        help="ask every connected group to save a checkpoint at its next outer step",
+        description="POST /v1/checkpoint to the manager of every group the lighthouse knows "
+        "as connected. Groups without FTDILOCO_CHECKPOINT_DIR refuse.",
+    )
+    _operator_flags(checkpoint)
+
+    shutdown = commands.add_parser(
+        "shutdown",
+        help="stop the lighthouse (every waiting join is answered first)",
+        description="Ask the lighthouse to shut down. Needs the token when the job has one.",
+    )
+    _operator_flags(shutdown)
 
     serve = commands.add_parser(
         "lighthouse",
@@ -154,6 +185,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _operator_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lighthouse",
+        metavar="URL",
+        help="lighthouse address, http://host:port or host:port (comma-separated for several); "
+        "default: $FTDILOCO_LIGHTHOUSE",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=3.0,
+        metavar="SECONDS",
+        help="give up after this long (default 3)",
+    )
+
+
 def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Our arguments, and those after the first ``--`` (for the script or daemon)."""
     args = list(argv)
@@ -167,14 +214,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ours, rest = _split(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(ours)
-    if rest and args.command == "status":
-        parser.error("status takes no arguments after --")
+    if rest and args.command in OPERATOR_COMMANDS:
+        parser.error(f"{args.command} takes no arguments after --")
     if args.command == "launch":
         sys.exit(_launch(parser, args, rest))
-    if args.command == "status":
-        # The client's retry warnings would bury the one line that matters.
-        logs.configure("auto", level=logging.ERROR)
-        sys.exit(status(args.lighthouse, as_json=args.json, timeout=args.timeout))
+    if args.command in OPERATOR_COMMANDS:
+        sys.exit(_operate(args))
     from ftdiloco.launch import serve_lighthouse
 
     sys.exit(serve_lighthouse(rest, args.groups, args.idle_exit, log_file=args.log_file))
@@ -197,6 +242,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
             verbose=args.verbose,
             seed=args.seed,
             status_line={"auto": None, "on": True, "off": False}[args.status_line],
+            out_dir=args.out,
         )
     except ValueError as e:
         # One line, no usage: the flags parsed, their combination or a file is wrong.
@@ -205,15 +251,167 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
     return launch(options)
 
 
+# -- operating a running job ------------------------------------------------------------
+
+OPERATOR_COMMANDS = ("status", "kill", "checkpoint", "shutdown")
+
+
+def _operate(args: argparse.Namespace) -> int:
+    from ftdiloco.config import ConfigError
+
+    # The client's retry warnings would bury the one line that matters.
+    logs.configure("auto", level=logging.ERROR)
+    program = f"ftdiloco {args.command}"
+    try:
+        address, token = lighthouse_and_token(args.lighthouse)
+    except ConfigError as e:
+        print(f"{program}: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.command == "status":
+        return status(address, as_json=args.json, timeout=args.timeout, token=token)
+    if args.command == "kill":
+        return kill(address, args.group, args.reason, timeout=args.timeout, token=token)
+    if args.command == "checkpoint":
+        return checkpoint(address, timeout=args.timeout, token=token)
+    return shutdown(address, timeout=args.timeout, token=token)
+
+
+def lighthouse_and_token(
+    flag: str | None, env: Mapping[str, str] | None = None
+) -> tuple[str, str | None]:
+    """The lighthouse address (the flag, else the environment's) and the token, if any.
+
+    Raises :class:`ftdiloco.config.ConfigError` naming the variable when
+    neither gives an address, or a variable is invalid.
+    """
+    from ftdiloco.config import Config, ConfigError
+
+    env = os.environ if env is None else env
+    overrides: dict[str, Any] = {} if flag is None else {"lighthouse": flag}
+    try:
+        config = Config.from_env(env, **overrides)
+    except ConfigError as e:
+        if flag is None and "is not set" in str(e):
+            raise ConfigError(
+                "no lighthouse: give --lighthouse URL or set FTDILOCO_LIGHTHOUSE"
+            ) from None
+        raise
+    if config.standalone:
+        raise ConfigError("FTDILOCO_LIGHTHOUSE=none: a standalone job has no lighthouse")
+    return ",".join(config.lighthouse), config.token
+
+
+def _client(address: str, timeout: float, token: str | None) -> LighthouseClient:
+    from lighthouse.client import LighthouseClient
+
+    return LighthouseClient(address, token, connect_timeout=timeout, retry_deadline=timeout)
+
+
+def kill(
+    address: str, group: str, reason: str, *, timeout: float = 3.0, token: str | None = None
+) -> int:
+    """Evict ``group`` (a replica id, or a number meaning ``group<N>``)."""
+    from lighthouse.client import LighthouseError
+
+    replica_id = f"group{group}" if group.isdigit() else group
+    try:
+        with _client(address, timeout, token) as client:
+            known = client.kill(replica_id, reason)
+    except (LighthouseError, ValueError) as e:
+        print(f"ftdiloco kill: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if not known:
+        print(f"ftdiloco kill: the lighthouse knows no live replica {replica_id}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"killed {replica_id}")
+    return 0
+
+
+def shutdown(address: str, *, timeout: float = 3.0, token: str | None = None) -> int:
+    from lighthouse.client import LighthouseError
+
+    try:
+        with _client(address, timeout, token) as client:
+            client.shutdown()
+    except (LighthouseError, ValueError) as e:
+        print(f"ftdiloco shutdown: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"lighthouse {address} is shutting down")
+    return 0
+
+
+def checkpoint(address: str, *, timeout: float = 3.0, token: str | None = None) -> int:
+    """Ask every connected group's manager to save at its next outer step."""
+    from lighthouse.client import LighthouseError
+
+    try:
+        with _client(address, timeout, token) as client:
+            doc = client.status()
+    except (LighthouseError, ValueError) as e:
+        print(f"ftdiloco checkpoint: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    groups = [
+        (str(r["replica_id"]), str(r["address"]))
+        for r in doc.get("replicas", [])
+        if r.get("connected") and r.get("address")
+    ]
+    if not groups:
+        print("ftdiloco checkpoint: no connected group", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    answers = asyncio.run(_ask_checkpoints(groups, timeout, token))
+    failed = False
+    for replica_id, answer in answers:
+        print(f"{replica_id}: {answer}")
+        failed |= not answer.startswith("checkpoint requested")
+    return EXIT_UNREACHABLE if failed else 0
+
+
+async def _ask_checkpoints(
+    groups: list[tuple[str, str]], timeout: float, token: str | None
+) -> list[tuple[str, str]]:
+    import aiohttp
+
+    from lighthouse import protocol
+
+    headers = {"Content-Type": protocol.CONTENT_TYPE}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    async def ask(session: aiohttp.ClientSession, replica_id: str, url: str) -> tuple[str, str]:
+        try:
+            async with session.post(
+                f"{url.rstrip('/')}/v1/checkpoint", data=protocol.pack({}), headers=headers
+            ) as response:
+                body = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return replica_id, f"cannot reach {url}: {e or type(e).__name__}"
+        try:
+            message = protocol.unpack(body)
+        except Exception:  # a foreign server's body: say what came back
+            message = {}
+        if response.status == 202:
+            return replica_id, f"checkpoint requested (at step {message.get('step')})"
+        detail = (
+            message.get("message") or message.get("error") or body[:80].decode(errors="replace")
+        )
+        return replica_id, f"refused ({response.status}): {detail}"
+
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+        return list(await asyncio.gather(*(ask(session, r, url) for r, url in groups)))
+
+
 # -- status -------------------------------------------------------------------------------
 
 
-def status(address: str, *, as_json: bool = False, timeout: float = 3.0) -> int:
+def status(
+    address: str, *, as_json: bool = False, timeout: float = 3.0, token: str | None = None
+) -> int:
     """Print the lighthouse's /status as a table (or JSON); 2 if it cannot be reached."""
-    from lighthouse.client import LighthouseClient, LighthouseError
+    from lighthouse.client import LighthouseError
 
     try:
-        with LighthouseClient(address, connect_timeout=timeout, retry_deadline=timeout) as client:
+        with _client(address, timeout, token) as client:
             doc = client.status()
     except (LighthouseError, ValueError) as e:
         print(f"ftdiloco status: cannot read the lighthouse's status: {e}", file=sys.stderr)

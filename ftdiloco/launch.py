@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -64,7 +64,12 @@ _STEP = re.compile(
     r"(?P<healed> \| healed)?"
 )
 _DONE = re.compile(r"^done \|.*final loss (?P<loss>\S+)")
+# Held-out loss, in a step line (`| eval 2.401 |`) and in the done line (`| final eval 2.399`).
+_EVAL = re.compile(r"\| (?:final )?eval (?P<eval>[^\s|]+)")
 _LISTENING = "lighthouse listening on "
+
+# The launcher's exit code when its output was closed: 128 + SIGPIPE, as a shell reports it.
+EXIT_OUTPUT_CLOSED = 141
 
 # `ftdiloco launch`'s default training script (`torchrun -m` runs it).
 EXAMPLE_MODULE = "ftdiloco.examples.train_diloco"
@@ -83,6 +88,7 @@ class StepLine:
     loss: float
     committed: bool
     healed: bool
+    eval_loss: float | None = None  # held-out loss, on steps that evaluate
 
 
 def parse_step_line(line: str) -> StepLine | None:
@@ -95,7 +101,14 @@ def parse_step_line(line: str) -> StepLine | None:
         loss=_float(m["loss"]),
         committed=m["outcome"] == "committed",
         healed=m["healed"] is not None,
+        eval_loss=parse_eval(line),
     )
+
+
+def parse_eval(line: str) -> float | None:
+    """The held-out loss in a step or done line, if it has one."""
+    m = _EVAL.search(line)
+    return None if m is None else _float(m["eval"])
 
 
 def parse_done_line(line: str) -> float | None:
@@ -128,6 +141,8 @@ class LaunchOptions:
     seed: int | None = None
     # None: a live status line only when stdout is a terminal.
     status_line: bool | None = None
+    # Keep logs, per-step JSONL, a summary JSON and plots here.
+    out_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.groups < 1 or self.nproc_per_node < 1 or self.min_replicas < 1:
@@ -308,6 +323,19 @@ class Group:
     first_step_after: float | None = None  # seconds from its first start to its first step line
     step_times: list[float] = field(default_factory=list)
     pending_kill: Kill | None = None
+    eval_loss: float = math.nan  # last held-out loss reported
+
+    def state(self) -> str:
+        """For the status line: the last step, or what keeps it from training."""
+        if self.finished:
+            return "done"
+        kill = self.pending_kill
+        if kill is not None:
+            restarted = self.child is not None and not self.child.killed
+            return "recovering" if restarted else "DOWN"
+        if self.step is None:
+            return "starting"
+        return f"step {self.step}"
 
     @property
     def name(self) -> str:
@@ -321,45 +349,70 @@ class Group:
         return (times[-1] - times[0]) / (len(times) - 1)
 
 
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """A child's line as one line: what a carriage return would have left, no escapes.
+
+    A child's own progress line (``\\r`` and an erase) must not move our
+    cursor, or it would overwrite the status line or the line above.
+    """
+    kept = text.rstrip("\r").rsplit("\r", 1)[-1]
+    return _CONTROL.sub("", kept)
+
+
 class _Output:
-    """Prefixed lines above a live status line (only on a terminal)."""
+    """Prefixed lines above a live status line (only on a terminal).
+
+    Every write survives a closed stream (``| head`` that exited, ``| tee``
+    killed by the same Ctrl-C): the first failure calls ``on_closed`` once and
+    later output is dropped, never raised into the launcher.
+    """
 
     def __init__(self, stream: TextIO, live: bool) -> None:
         self.stream = stream
         self.live = live
         self.status = ""
+        self.closed = False
+        self.on_closed: Callable[[], None] | None = None
 
     def line(self, prefix: str, text: str) -> None:
-        self._clear()
-        self.stream.write(f"[{prefix}] {text}\n")
-        self._draw()
+        self._write(f"{self._clear()}[{prefix}] {printable(text)}\n{self._draw()}")
 
     def plain(self, text: str) -> None:
-        self._clear()
-        self.stream.write(text + "\n")
-        self._draw()
+        self._write(f"{self._clear()}{text}\n{self._draw()}")
 
     def set_status(self, text: str) -> None:
         if not self.live:
             return
         width = shutil.get_terminal_size((100, 20)).columns - 1
+        clear = self._clear()
         self.status = text[:width]
-        self._clear()
-        self._draw()
+        self._write(clear + self._draw())
 
     def finish(self) -> None:
-        self._clear()
+        clear = self._clear()
         self.status = ""
-        self.stream.flush()
+        self._write(clear)
 
-    def _clear(self) -> None:
-        if self.live and self.status:
-            self.stream.write("\r\x1b[K")
+    def _clear(self) -> str:
+        return "\r\x1b[K" if self.live and self.status else ""
 
-    def _draw(self) -> None:
-        if self.live and self.status:
-            self.stream.write(self.status)
-        self.stream.flush()
+    def _draw(self) -> str:
+        return self.status if self.live else ""
+
+    def _write(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            # One write per call: a status line is never left half drawn.
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            self.closed = True
+            if self.on_closed is not None:
+                self.on_closed()
 
 
 def compact_log(line: str, verbose: bool) -> str | None:
@@ -390,6 +443,9 @@ class _Launcher:
         self.options = options
         live = out.isatty() if options.status_line is None else options.status_line
         self.out = _Output(out, live)
+        self.out.on_closed = self._on_output_closed
+        self.output_closed = False
+        self.record = Record(options.out_dir) if options.out_dir is not None else None
         self.rng = random.Random(options.seed)
         self.groups = [Group(i) for i in range(options.groups)]
         self.lighthouse: Child | None = None
@@ -433,15 +489,36 @@ class _Launcher:
                 loop.remove_signal_handler(sig)
             self.out.finish()
         self._summary()
+        code = self.exit_code()
+        if self.record is not None:
+            self._save_record(code)
+        return code
+
+    def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.output_closed:
+            return EXIT_OUTPUT_CLOSED
         return 1 if self.failure is not None else 0
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if not self.interrupted:
-            self.interrupted = True
-            self._say(f"{sig.name}: stopping every process this launcher started")
+        # Flags first: saying so may fail (the pipe's reader got the same Ctrl-C).
+        again = self.interrupted
+        self.interrupted = True
         self.done.set()
+        if again:
+            # A second Ctrl-C does not wait out the grace period: SIGKILL now.
+            for child in [*(g.child for g in self.groups), self.lighthouse]:
+                if child is not None:
+                    child.kill()
+            return
+        self._say(f"{sig.name}: stopping every process this launcher started")
+
+    def _on_output_closed(self) -> None:
+        # Nobody reads us any more (`| head` exited): stop the job, as SIGPIPE would.
+        if not self.output_closed and not self.interrupted:
+            self.output_closed = True
+            self.done.set()
 
     def _fail(self, reason: str) -> None:
         if self.failure is None and not self.shutting_down:
@@ -485,7 +562,13 @@ class _Launcher:
         )
         child = Child(name, proc)
         self._say(f"started {name}: pid {child.pid} (process group {child.pid})")
+        if self.record is not None:
+            self.record.log(name, f"== started: pid {child.pid} ==")
+            self.record.event(self._now(), "start", name=name, pid=child.pid)
         return child
+
+    def _now(self) -> float:
+        return round(time.monotonic() - self.started, 3)
 
     async def _start_lighthouse(self) -> None:
         o = self.options
@@ -576,7 +659,22 @@ class _Launcher:
             now = time.monotonic()
             group.lines_since_start += 1
             group.step, group.loss = step.step, step.loss
+            if step.eval_loss is not None:
+                group.eval_loss = step.eval_loss
             group.step_times.append(now)
+            if self.record is not None:
+                self.record.step(
+                    {
+                        "t": self._now(),
+                        "group": group.index,
+                        "start": group.starts,
+                        "step": step.step,
+                        "loss": _json_float(step.loss),
+                        "eval_loss": _json_float(step.eval_loss),
+                        "committed": step.committed,
+                        "healed": step.healed,
+                    }
+                )
             if group.first_step_after is None:
                 group.first_step_after = now - child.started
             if step.committed:
@@ -587,6 +685,15 @@ class _Launcher:
                     kill.back_at_step = step.step
                     kill.healed = step.healed
                     group.pending_kill = None
+                    if self.record is not None:
+                        self.record.event(
+                            self._now(),
+                            "recovered",
+                            group=group.index,
+                            step=step.step,
+                            after_s=round(kill.recovered_after, 3),
+                            healed=step.healed,
+                        )
                     how = ", healed from a peer" if step.healed else ""
                     self._say(
                         f"{group.name} recovered: committed step {step.step} "
@@ -599,9 +706,14 @@ class _Launcher:
         loss = parse_done_line(line)
         if loss is not None:
             group.loss = loss
+            eval_loss = parse_eval(line)
+            if eval_loss is not None:
+                group.eval_loss = eval_loss
             group.finished = True
 
     def _show(self, child: Child, line: str) -> None:
+        if self.record is not None:
+            self.record.log(child.name, line)
         if child.stopping and not self.options.verbose:
             return  # torchrun's traceback for the SIGTERM we sent it tells nobody anything
         text = compact_log(line, self.options.verbose)
@@ -666,6 +778,8 @@ class _Launcher:
         kill = Kill(group.index, time.monotonic(), group.step)
         self.kills.append(kill)
         group.pending_kill = kill
+        if self.record is not None:
+            self.record.event(self._now(), "kill", group=group.index, step=group.step)
         child.killed = True
         self._say(
             f"SIGKILL {group.name} (pid {child.pid} and all its workers) at outer step "
@@ -718,6 +832,7 @@ class _Launcher:
         losses = [g.loss for g in live if not math.isnan(g.loss)]
         if losses:
             parts.append(f"loss {sum(losses) / len(losses):.3f}")
+        parts.append(", ".join(f"g{g.index} {g.state()}" for g in self.groups))
         if self.kills:
             parts.append(f"kills {len(self.kills)}")
         parts.append(f"{time.monotonic() - self.started:.0f}s")
@@ -730,6 +845,8 @@ class _Launcher:
         elapsed = time.monotonic() - self.started
         if self.interrupted:
             result = "stopped (interrupted)"
+        elif self.output_closed:
+            result = "stopped (nobody reads the output any more)"
         elif self.failure is not None:
             result = f"FAILED: {self.failure}"
         elif self.duration_reached:
@@ -739,11 +856,14 @@ class _Launcher:
         write("")
         write(f"== ftdiloco launch summary ({elapsed:.1f}s) ==")
         write(f"result: {result}")
-        write(f"{'group':<8} {'starts':>6} {'committed':>9} {'rolled back':>11} {'final loss':>10}")
+        write(
+            f"{'group':<8} {'starts':>6} {'committed':>9} {'rolled back':>11} {'final loss':>10} "
+            f"{'eval loss':>9}"
+        )
         for g in self.groups:
             write(
                 f"{g.name:<8} {g.starts:>6} {g.committed:>9} {g.rolled_back:>11} "
-                f"{_fmt_loss(g.loss):>10}"
+                f"{_fmt_loss(g.loss):>10} {_fmt_loss(g.eval_loss):>9}"
             )
         survived = [k for k in self.kills if k.recovered_after is not None]
         write(
@@ -762,15 +882,180 @@ class _Launcher:
         losses = [g.loss for g in self.groups if not math.isnan(g.loss)]
         if losses:
             write(f"final loss: {sum(losses) / len(losses):.3f} (mean over groups)")
+        evals = [g.eval_loss for g in self.groups if not math.isnan(g.eval_loss)]
+        if evals:
+            write(f"held-out loss: {sum(evals) / len(evals):.3f} (mean over groups, same split)")
+        if self.record is not None:
+            write(f"kept in {self.record.root}: group logs, steps.jsonl, summary.json, plots")
+
+    def summary_document(self, code: int) -> dict[str, Any]:
+        def mean(values: list[float]) -> float | None:
+            kept = [v for v in values if not math.isnan(v)]
+            return sum(kept) / len(kept) if kept else None
+
+        return {
+            "exit_code": code,
+            "interrupted": self.interrupted,
+            "failure": self.failure,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+            "options": {
+                "groups": self.options.groups,
+                "nproc_per_node": self.options.nproc_per_node,
+                "min_replicas": self.options.min_replicas,
+                "kill_every": self.options.kill_every,
+                "outer_steps": self.options.target_steps(),
+                "script": self.options.script or EXAMPLE_MODULE,
+                "script_args": list(self.options.script_args),
+            },
+            "groups": [
+                {
+                    "group": g.name,
+                    "starts": g.starts,
+                    "committed": g.committed,
+                    "rolled_back": g.rolled_back,
+                    "step": g.step,
+                    "final_loss": _json_float(g.loss),
+                    "eval_loss": _json_float(g.eval_loss),
+                    "finished": g.finished,
+                }
+                for g in self.groups
+            ],
+            "kills": [
+                {
+                    "group": f"group{k.group}",
+                    "at_s": round(k.at - self.started, 3),
+                    "step": k.step,
+                    "recovered_after_s": None
+                    if k.recovered_after is None
+                    else round(k.recovered_after, 3),
+                    "back_at_step": k.back_at_step,
+                    "healed": k.healed,
+                }
+                for k in self.kills
+            ],
+            "final_loss": mean([g.loss for g in self.groups]),
+            "eval_loss": mean([g.eval_loss for g in self.groups]),
+        }
+
+    def _save_record(self, code: int) -> None:
+        assert self.record is not None
+        self.record.close()
+        self.record.write_summary(self.summary_document(code))
+        problem = self.record.plot()
+        if problem is not None:
+            self.out.plain(problem)
 
 
 def _fmt_loss(loss: float) -> str:
     return "-" if math.isnan(loss) else f"{loss:.3f}"
 
 
+def _json_float(value: float | None) -> float | None:
+    """JSON has no NaN: a missing number is null."""
+    return None if value is None or math.isnan(value) else value
+
+
+class Record:
+    """What ``--out DIR`` keeps: every child's log, steps.jsonl, events.jsonl, summary, plots."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self._logs: dict[str, TextIO] = {}
+        self._steps = open(os.path.join(root, "steps.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
+        self._events = open(os.path.join(root, "events.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
+        self.steps: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def log(self, name: str, line: str) -> None:
+        stream = self._logs.get(name)
+        if stream is None:
+            path = os.path.join(self.root, f"{name}.log")
+            stream = self._logs[name] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        stream.write(line + "\n")
+        stream.flush()
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.steps.append(record)
+        self._steps.write(json.dumps(record) + "\n")
+        self._steps.flush()
+
+    def event(self, t: float, kind: str, **fields: Any) -> None:
+        record = {"t": t, "event": kind, **fields}
+        self.events.append(record)
+        self._events.write(json.dumps(record) + "\n")
+        self._events.flush()
+
+    def close(self) -> None:
+        for stream in [*self._logs.values(), self._steps, self._events]:
+            stream.close()
+
+    def write_summary(self, document: dict[str, Any]) -> None:
+        with open(os.path.join(self.root, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+
+    def plot(self) -> str | None:
+        """loss.png; a one-line reason instead when it cannot be drawn."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return (
+                "--out: no plots (matplotlib is not installed: pip install 'ftdiloco[sim]'); "
+                "the JSONL and the summary are there"
+            )
+        figure, axes = plt.subplots(figsize=(9, 5))
+        groups = sorted({r["group"] for r in self.steps})
+        for index in groups:
+            mine = [r for r in self.steps if r["group"] == index and r["loss"] is not None]
+            (line,) = axes.plot(
+                [r["t"] for r in mine], [r["loss"] for r in mine], label=f"group{index} train"
+            )
+            evals = [r for r in mine if r["eval_loss"] is not None]
+            if evals:
+                axes.plot(
+                    [r["t"] for r in evals],
+                    [r["eval_loss"] for r in evals],
+                    "o--",
+                    color=line.get_color(),
+                    markersize=3,
+                    label=f"group{index} held-out",
+                )
+        for i, e in enumerate(x for x in self.events if x["event"] == "kill"):
+            axes.axvline(e["t"], color="red", linestyle=":", label="kill" if i == 0 else None)
+        for i, e in enumerate(x for x in self.events if x["event"] == "recovered"):
+            axes.axvline(
+                e["t"], color="green", linestyle="--", label="recovered" if i == 0 else None
+            )
+        axes.set_xlabel("seconds since launch")
+        axes.set_ylabel("loss")
+        axes.set_title("ftdiloco launch: loss per group (kills and recoveries marked)")
+        if groups:
+            axes.legend(fontsize="small")
+        figure.tight_layout()
+        figure.savefig(os.path.join(self.root, "loss.png"), dpi=100)
+        plt.close(figure)
+        return None
+
+
 def launch(options: LaunchOptions, out: TextIO | None = None) -> int:
-    """Run the job to the end; the exit code (0 success, 1 failure, 130 interrupted)."""
-    return asyncio.run(_Launcher(options, out or sys.stdout).run())
+    """Run the job to the end; the exit code.
+
+    0 success, 1 failure, 130 interrupted (SIGINT/SIGTERM), 141 when the
+    output was closed (a pipe's reader went away) and the job was stopped.
+    """
+    stream = out or sys.stdout
+    launcher = _Launcher(options, stream)
+    code = asyncio.run(launcher.run())
+    if launcher.out.closed and stream is sys.stdout:
+        # Python flushes stdout at exit; into a closed pipe that prints a traceback.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+    return code
 
 
 # -- the lighthouse of a batch job ----------------------------------------------------
@@ -851,7 +1136,12 @@ def _serve_lighthouse(
                 connected = {r["replica_id"] for r in replicas if r.get("connected")}
                 # Polled, so a group is noticed if it stays longer than a poll; a
                 # training group stays connected for its whole run.
-                seen |= {r["replica_id"] for r in replicas}
+                for replica_id in sorted({r["replica_id"] for r in replicas} - seen):
+                    seen.add(replica_id)
+                    note = f"ftdiloco: saw {replica_id} ({len(seen)} of {groups} groups)"
+                    if copy is not None:
+                        copy.write(note + "\n")
+                    print(note, file=sys.stderr, flush=True)
                 busy = bool(connected or status.get("joiners"))
                 if busy or len(seen) < groups:
                     idle_since = None

@@ -9,6 +9,7 @@ then SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -23,12 +24,18 @@ import pytest
 
 from ftdiloco import cli
 from ftdiloco.launch import (
+    EXIT_OUTPUT_CLOSED,
+    Group,
+    Kill,
     LaunchOptions,
+    _Output,
     alive,
     compact_log,
     free_port,
     parse_done_line,
+    parse_eval,
     parse_step_line,
+    printable,
     process_tree,
 )
 from lighthouse.client import LighthouseClient
@@ -147,6 +154,60 @@ def test_launch_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no outer step could commit" in capsys.readouterr().err
 
 
+def test_eval_loss_is_read_from_step_and_done_lines() -> None:
+    line = "outer step 4 | loss 2.500 | eval 2.601 | participants 2 | sync 0.1s | committed"
+    step = parse_step_line(line)
+    assert step is not None and step.eval_loss == 2.601 and step.loss == 2.5
+    assert parse_eval("done | 4 outer steps committed | final loss 2.4 | final eval 2.55") == 2.55
+    assert parse_eval("outer step 1 | loss 3.0 | committed") is None
+
+
+def test_the_status_line_marks_down_and_recovering_groups() -> None:
+    class FakeChild:
+        killed = False
+
+    group = Group(1, step=7)
+    assert group.state() == "step 7"
+    group.pending_kill = Kill(1, at=0.0, step=7)
+    assert group.state() == "DOWN"  # killed, not started again yet
+    group.child = FakeChild()  # type: ignore[assignment]
+    assert group.state() == "recovering"  # running again, not yet committed
+    group.pending_kill = None
+    group.finished = True
+    assert group.state() == "done"
+    assert Group(0).state() == "starting"
+
+
+def test_child_lines_cannot_move_the_cursor() -> None:
+    assert printable("inner step 3/50\rinner step 4/50\r\x1b[Kouter step 1") == "outer step 1"
+    assert printable("progress\r") == "progress"
+    assert printable("\x1b[2Jclear\x07") == "clear"
+
+
+def test_output_to_a_closed_pipe_is_dropped_and_reported_once() -> None:
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    out = _Output(Closed(), live=True)
+    calls: list[int] = []
+    out.on_closed = lambda: calls.append(1)
+    out.set_status("quorum #1")
+    out.line("group0", "outer step 1")
+    out.plain("summary")
+    out.finish()
+    assert out.closed and calls == [1]
+
+
+def test_a_log_line_is_written_above_the_status_line() -> None:
+    stream = io.StringIO()
+    out = _Output(stream, live=True)
+    out.set_status("STATUS")
+    out.line("group0", "hello\rworld")
+    # Clear the status, write the line, draw the status again: one write each time.
+    assert stream.getvalue() == "STATUS\r\x1b[K[group0] world\nSTATUS"
+
+
 def test_status_table_shows_quorum_and_members() -> None:
     doc = {
         "quorum_id": 12,
@@ -231,15 +292,21 @@ def test_batch_lighthouse_stops_once_every_group_came_and_went() -> None:
         url = proc.wait_for("lighthouse listening on", timeout=30).split()[-1]
         with LighthouseClient(url) as first:
             first.start_liveness("group0", lambda event: None)
-            time.sleep(1.5)  # the wrapper polls /status twice a second
+            proc.wait_for("saw group0 (1 of 2 groups)", timeout=30)
             first.stop_liveness()
+        with LighthouseClient(url) as client:
+            deadline = time.monotonic() + 30
+            while any(r.get("connected") for r in client.status()["replicas"]):
+                assert time.monotonic() < deadline, "group0's disconnect was never noticed"
+                time.sleep(0.05)
+        # Idle for several --idle-exit periods: a wrapper that took one group for all would
+        # exit now; this one must still be there to see the second group.
         time.sleep(1.5)
-        assert proc.popen.poll() is None, "one of two groups was seen: it must keep running"
         with LighthouseClient(url) as second:
             second.start_liveness("group1", lambda event: None)
-            time.sleep(1.5)
+            proc.wait_for("saw group1 (2 of 2 groups)", timeout=30)
         assert proc.wait(timeout=15) == 0
-        assert any("came and went" in line for line in proc.output)
+        proc.wait_for("came and went", timeout=10)
 
 
 # -- the launcher, end to end ---------------------------------------------------------
@@ -254,7 +321,7 @@ def test_launch_runs_a_job_to_the_end_and_summarises(launcher: list[Proc]) -> No
         assert re.search(rf"^\[{group}\] outer step 3 \| loss .* \| committed", out, re.M), out
         assert re.search(rf"^\[{group}\] done \| 3 outer steps committed", out, re.M), out
     assert "result: success: all 2 groups finished" in out
-    assert re.search(r"^group0\s+1\s+3\s+0\s+\d+\.\d{3}$", out, re.M), out
+    assert re.search(r"^group0\s+1\s+3\s+0\s+\d+\.\d{3}\s+(-|\d+\.\d{3})$", out, re.M), out
     assert re.search(r"^final loss: \d+\.\d{3}", out, re.M), out
 
 
@@ -303,3 +370,132 @@ def test_ctrl_c_stops_every_process_the_launcher_started(launcher: list[Proc]) -
     while any(alive(p) for p in tree) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in tree if alive(p)], "processes outlived the launcher"
+
+
+@pytest.mark.integration
+def test_out_keeps_logs_steps_summary_and_plots(launcher: list[Proc], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_launcher(launcher, "--groups", "2", "--outer-steps", "2", "--out", str(out), *TINY)
+    code, text = finish(proc, timeout=90)
+    assert code == 0, text
+    for group in ("group0", "group1"):
+        assert "done | 2 outer steps committed" in (out / f"{group}.log").read_text()
+    assert "lighthouse listening on" in (out / "lighthouse.log").read_text()
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert sorted((r["group"], r["step"]) for r in steps) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(r["committed"] and r["loss"] > 0 for r in steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 0
+    assert [g["committed"] for g in summary["groups"]] == [2, 2]
+    assert summary["final_loss"] > 0
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"kept in {out}" in text
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAS_PROC, reason="finds the launcher's process tree in /proc")
+@pytest.mark.parametrize("then_ctrl_c", [False, True], ids=["reader-gone", "tee-and-ctrl-c"])
+def test_a_closed_pipe_stops_everything_without_a_traceback(
+    launcher: list[Proc], then_ctrl_c: bool
+) -> None:
+    """`ftdiloco launch | head -n 5` and `| tee` killed by the same Ctrl-C."""
+    read_end, write_end = os.pipe()
+    popen = subprocess.Popen(
+        ftdiloco("launch", "--timeout", "10", "--groups", "2", "--outer-steps", "500", *TINY),
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    reader = os.fdopen(read_end)
+    try:
+        # Read until both workers run, like `head` would, then go away.
+        seen = 0
+        while seen < 2:
+            line = reader.readline()
+            assert line, "the launcher ended early"
+            seen += "tiny model" in line
+        tree = process_tree(popen.pid)
+        assert len(tree) >= 6, tree
+        reader.close()
+        if then_ctrl_c:
+            os.kill(popen.pid, signal.SIGINT)
+        # Else the launcher notices at its next write: a group's next line.
+        code = popen.wait(timeout=60)
+        stderr = popen.stderr.read() if popen.stderr else ""
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    assert code == (130 if then_ctrl_c else EXIT_OUTPUT_CLOSED), stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    # Every process it started is gone (by the time it exits, not ~10 s later).
+    assert not [p for p in tree if alive(p)], "processes outlived the launcher"
+
+
+# -- ftdiloco kill / checkpoint / shutdown, and status from the environment -----------
+
+
+def test_the_lighthouse_comes_from_the_flag_or_the_environment() -> None:
+    env = {"FTDILOCO_LIGHTHOUSE": "lh:1", "FTDILOCO_TOKEN": "s3cret"}
+    assert cli.lighthouse_and_token(None, env) == ("http://lh:1", "s3cret")
+    assert cli.lighthouse_and_token("other:2", env) == ("http://other:2", "s3cret")
+    with pytest.raises(ValueError, match="give --lighthouse URL or set FTDILOCO_LIGHTHOUSE"):
+        cli.lighthouse_and_token(None, {})
+    with pytest.raises(ValueError, match="standalone job has no lighthouse"):
+        cli.lighthouse_and_token(None, {"FTDILOCO_LIGHTHOUSE": "none"})
+
+
+def test_operator_commands_without_a_lighthouse_say_so_in_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FTDILOCO", "TORCHFT"))}
+    for command in ("status", "kill group0", "checkpoint", "shutdown"):
+        result = subprocess.run(
+            ftdiloco(*command.split()), capture_output=True, text=True, timeout=30, env=env
+        )
+        assert result.returncode == cli.EXIT_UNREACHABLE, result.stderr
+        assert result.stderr == (
+            f"ftdiloco {command.split()[0]}: no lighthouse: give --lighthouse URL or set "
+            "FTDILOCO_LIGHTHOUSE\n"
+        )
+
+
+@pytest.mark.integration
+def test_kill_checkpoint_shutdown_with_the_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    with process_pool() as procs:
+        daemon, url = start_lighthouse(
+            procs, "--min-replicas", "1", "--token-file", str(token_file)
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FTDILOCO", "TORCHFT"))}
+        env["FTDILOCO_LIGHTHOUSE"] = url
+
+        def run(*args: str, token: bool = True) -> subprocess.CompletedProcess[str]:
+            extra = {"FTDILOCO_TOKEN_FILE": str(token_file)} if token else {}
+            return subprocess.run(
+                ftdiloco(*args), capture_output=True, text=True, timeout=30, env={**env, **extra}
+            )
+
+        with LighthouseClient(url, "s3cret") as group:
+            group.start_liveness("group0", lambda event: None)
+            shown = run("status")  # --lighthouse from FTDILOCO_LIGHTHOUSE
+            assert shown.returncode == 0, shown.stderr
+            assert re.search(r"^group0\s", shown.stdout, re.M), shown.stdout
+
+            refused = run("kill", "0", token=False)
+            assert refused.returncode == cli.EXIT_UNREACHABLE
+            assert refused.stderr.startswith("ftdiloco kill: ") and refused.stderr.count("\n") == 1
+
+            # group0's address is not a manager (no server behind it): said per group.
+            asked = run("checkpoint")
+            assert asked.returncode == cli.EXIT_UNREACHABLE
+            assert asked.stdout.startswith("group0: ") or "no connected group" in asked.stderr
+
+            killed = run("kill", "0")
+            assert killed.returncode == 0, killed.stderr
+            assert killed.stdout == "killed group0\n"
+
+        stopped = run("shutdown")
+        assert stopped.returncode == 0, stopped.stderr
+        assert daemon.wait(timeout=15) == 0
