@@ -4,12 +4,18 @@ crash, a hang or unbounded memory -- and the daemon serves a normal join afterwa
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator
 
 import aiohttp
 import msgpack
 import pytest
+import torch
 from aiohttp import web
 
 from ftdiloco.group import GroupGather
@@ -26,6 +32,7 @@ from tests.lighthouse_support import (
     post,
     quorum_of,
 )
+from tests.procs import process_pool, start_lighthouse
 
 
 @pytest.fixture
@@ -481,3 +488,147 @@ async def test_one_token_check_everywhere(lighthouses, session, group_server, he
         async with session.request(method, url, data=body, headers=headers) as response:
             authorized[name] = response.status != 401
     assert authorized == dict.fromkeys(requests, accepted)
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route, if it has one besides loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent
+            address: str = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+async def test_the_store_listens_only_on_the_configured_host(group_server):
+    """Finding 5: torch's TCPStore listened on every interface despite FTDILOCO_HOST."""
+    outward = outward_address()
+    if outward is None:
+        pytest.skip("this machine has no address besides loopback")
+    with pytest.raises(OSError):
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(outward, group_server.store.port), 5
+        )
+        writer.close()
+
+
+async def test_the_store_serves_nobody_without_the_token(session, group_server):
+    """Finding 5: anyone who reached the port could read and write the rendezvous keys."""
+    url = f"http://{group_server.store.address}/v1/store"
+    ops = [
+        {"op": "set", "key": "k", "value": b"evil"},
+        {"op": "get", "key": "k", "timeout_ms": 0},
+        {"op": "add", "key": "n", "amount": 1},
+        {"op": "num_keys"},
+        {"op": "delete", "key": "k"},
+    ]
+    for op in ops:
+        for headers in ({}, {"Authorization": "Bearer guess"}):
+            async with session.post(url, data=protocol.pack(op), headers=headers) as response:
+                assert response.status == 401, op
+    async with session.post(
+        url, data=protocol.pack({"op": "num_keys"}), headers=guard.authorization(TOKEN)
+    ) as response:
+        assert protocol.unpack(await response.read())["count"] == 0  # nothing was written
+
+    # A process group built with the wrong token fails at once, saying why.
+    from ftdiloco import process_group
+
+    with pytest.raises(Exception, match="401 unauthorized"):
+        await asyncio.to_thread(
+            process_group.connect,
+            backend="gloo",
+            store_address=group_server.store.address,
+            prefix="q1",
+            rank=0,
+            world_size=2,
+            timeout=5.0,
+            host="127.0.0.1",
+            token="guess",
+        )
+
+
+def test_the_store_rendezvous_builds_a_working_group_with_the_token():
+    from ftdiloco import process_group
+
+    store = host_store("127.0.0.1", 0, 10.0, TOKEN)
+    sums: dict[int, list[float]] = {}
+
+    def member(rank: int) -> None:
+        group = process_group.connect(
+            backend="gloo",
+            store_address=store.address,
+            prefix="q7",
+            rank=rank,
+            world_size=2,
+            timeout=10.0,
+            host="127.0.0.1",
+            token=TOKEN,
+        )
+        tensor = torch.full((3,), float(rank + 1))
+        group.allreduce([tensor]).wait()
+        sums[rank] = tensor.tolist()
+
+    try:
+        threads = [threading.Thread(target=member, args=(rank,)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        store.close()
+    assert sums == {0: [3.0] * 3, 1: [3.0] * 3}
+
+
+def test_json_logs_stay_json_under_hostile_traffic():
+    """Finding 8: aiohttp's own error reports were plain-text tracebacks."""
+    with process_pool() as procs:
+        proc, url = start_lighthouse(procs, "--log-format", "json")
+
+        async def attack() -> None:
+            async with aiohttp.ClientSession() as session:
+                for path in ("/v1/join", "/v1/heartbeat", "/v1/kill"):
+                    for _ in range(3):
+                        async with session.post(
+                            url + path, data=b"junk", headers={"Content-Encoding": "gzip"}
+                        ) as response:
+                            assert response.status == 400
+                    async with session.post(url + path, data=raw({"v": nested(1020)})) as response:
+                        assert response.status == 400
+                async with session.post(url + "/v1/join", data=b"\x00" * (2 << 20)) as response:
+                    assert response.status == 413
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+            await reader.read()
+            writer.close()
+
+        asyncio.run(attack())
+        # Marks the end of the traffic's log lines: this one is logged last.
+        asyncio.run(_kill_unknown(url))
+        proc.wait_for("replica killed by operator", timeout=10)
+        lines = [line for line in proc.output if "listening on" not in line]
+    assert lines
+    for line in lines:
+        json.loads(line)  # raises on anything but one JSON object per line
+
+
+async def _kill_unknown(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        await post(session, url, "/v1/kill", protocol.encode_kill("nobody", "end of test"))
+
+
+def test_standard_library_records_are_rendered_as_json():
+    code = (
+        "import logging; from lighthouse import logs; logs.configure('json');"
+        "logging.getLogger('aiohttp.server')"
+        ".error('Error handling request', exc_info=ValueError('x'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    record = json.loads(result.stderr)
+    assert record["logger"] == "aiohttp.server"
+    assert record["level"] == "error"
+    assert "ValueError: x" in record["exception"]

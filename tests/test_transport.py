@@ -581,3 +581,36 @@ def test_publish_rejects_what_safetensors_cannot_carry() -> None:
     with pytest.raises(ValueError, match="reserved"):
         server.publish(1, {"__metadata__": torch.zeros(2)})
     assert server.step is None
+
+
+async def test_concurrent_chunk_requests_hold_memory_for_what_they_send() -> None:
+    """Issue 11 finding 4: each request allocated a whole chunk (8 MiB by
+    default) even for a 200 KB state; 64 at once held ~460 MB."""
+    import tracemalloc
+
+    state = {"w": torch.arange(50_000, dtype=torch.float32)}  # 200 KB
+    server = StateServer()  # the default chunk size
+    server.publish(3, state)
+    app = web.Application()
+    server.add_routes(app)
+    runner, address = await serve(app)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def chunk() -> tuple[int, bytes]:
+                async with session.get(f"http://{address}/v1/heal/chunk/0?step=3") as response:
+                    return response.status, await response.read()
+
+            answers = await asyncio.gather(*(chunk() for _ in range(64)))
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+        await runner.cleanup()
+    assert {status for status, _ in answers} == {200}
+    assert len({body for _, body in answers}) == 1
+    # 64 receivers' bodies (13 MB) are in this process too; the server's
+    # buffers add at most a few chunks of 200 KB.
+    assert peak < 64 * 210_000 + (8 << 20), f"peak {peak / 1e6:.0f} MB"
