@@ -242,6 +242,8 @@ def test_sync_line() -> None:
         "outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | "
         "waited 0.010s, 76% hidden | rolled back | healed"
     )
+    with_eval = train_diloco.sync_line(report, 2.3141, 2.5)  # type: ignore[arg-type]
+    assert with_eval.startswith("outer step 7 | loss 2.314 | eval 2.500 | participants 3")
 
 
 def test_progress_is_silent_when_stdout_is_not_a_terminal(
@@ -275,3 +277,78 @@ def test_a_configuration_error_is_one_line_naming_the_variable(
     assert result.returncode == 2
     assert result.stderr.startswith(f"ftdiloco.examples.train_diloco: {message}")
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+# -- held-out evaluation, the sample, standalone -----------------------------------------
+
+
+def test_the_heldout_split_is_the_same_for_every_group_and_never_trained_on() -> None:
+    corpus = bytes(range(256)) * 40
+    train, heldout = train_diloco.split_heldout(corpus)
+    assert train + heldout == corpus and len(heldout) == len(corpus) // 10
+    batches = train_diloco.heldout_batches(heldout, 16, 4, batches=3)
+    assert [len(x) for x, _ in batches] == [4, 4, 4]
+    again = train_diloco.heldout_batches(heldout, 16, 4, batches=3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+    model = tiny_model()
+    assert train_diloco.evaluate(model, batches) == train_diloco.evaluate(model, again)
+    assert model.training  # evaluation leaves the mode as it was
+    with pytest.raises(SystemExit, match="held-out split"):
+        train_diloco.heldout_batches(b"x" * 10, 16, 4, batches=3)
+
+
+def test_the_sample_is_one_reproducible_line() -> None:
+    model = tiny_model()
+    text = train_diloco.sample_text(model, b"def ", 40, seed=1)
+    assert text.startswith("def ") and "\n" not in text
+    assert text == train_diloco.sample_text(model, b"def ", 40, seed=1)
+
+
+@pytest.mark.integration
+def test_standalone_trains_one_group_without_a_lighthouse(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FTDILOCO", "TORCHFT"))}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftdiloco.examples.train_diloco",
+            "--model-size",
+            "tiny",
+            "--outer-steps",
+            "2",
+            "--sync-every",
+            "4",
+            "--eval-every",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**env, "FTDILOCO_LIGHTHOUSE": "none", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("standalone: FTDILOCO_LIGHTHOUSE=none, training as one group")
+    steps = [line for line in lines if line.startswith("outer step")]
+    assert len(steps) == 2
+    assert all(" | eval " in line and "participants 1" in line for line in steps), steps
+    done = next(line for line in lines if line.startswith("done |"))
+    assert "2 outer steps committed" in done and " | final eval " in done
+    assert lines[-1].startswith("sample | def ")
+
+
+def test_the_standalone_manager_needs_the_explicit_none() -> None:
+    from ftdiloco.config import ConfigError
+    from ftdiloco.standalone import StandaloneManager
+
+    with pytest.raises(ConfigError, match="FTDILOCO_LIGHTHOUSE=none"):
+        StandaloneManager(config())
+    manager = StandaloneManager(Config.from_env({"FTDILOCO_LIGHTHOUSE": "none"}))
+    plan = manager.start_quorum()
+    assert plan is not None and plan.participants == ("group0",) and not plan.heal
+    tensor = torch.ones(3)
+    assert manager.allreduce([tensor]).wait() and torch.equal(tensor, torch.ones(3))
+    assert manager.should_commit() and manager.step == 1

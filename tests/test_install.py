@@ -161,6 +161,19 @@ def test_launch_runs_the_packaged_example_by_default(installed: Installed) -> No
     assert "[group0] done | 1 outer steps committed" in result.stdout
 
 
+def test_standalone_from_the_wheel(installed: Installed) -> None:
+    result = installed.run(
+        installed.python,
+        *("-m", "ftdiloco.examples.train_diloco", "--model-size", "tiny", "--outer-steps", "1"),
+        *("--sync-every", "3", "--batch-size", "4", "--sample-bytes", "20"),
+        env={"FTDILOCO_LIGHTHOUSE": "none", "OMP_NUM_THREADS": "1"},
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("standalone: FTDILOCO_LIGHTHOUSE=none")
+    assert "final eval" in result.stdout and "\nsample | def " in result.stdout
+
+
 def test_torchx_builtins_lists_the_component(installed: Installed) -> None:
     pytest.importorskip("torchx", reason="torchx is not installed (extra: ftdiloco[torchx])")
     result = installed.run(installed.python, "-m", "torchx.cli.main", "builtins")

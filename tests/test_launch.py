@@ -323,6 +323,8 @@ def test_launch_runs_a_job_to_the_end_and_summarises(launcher: list[Proc]) -> No
     assert "result: success: all 2 groups finished" in out
     assert re.search(r"^group0\s+1\s+3\s+0\s+\d+\.\d{3}\s+(-|\d+\.\d{3})$", out, re.M), out
     assert re.search(r"^final loss: \d+\.\d{3}", out, re.M), out
+    # The packaged example evaluates on the same held-out split in every group.
+    assert re.search(r"^held-out loss: \d+\.\d{3} \(mean over groups, same split\)", out, re.M)
 
 
 @pytest.mark.integration

@@ -113,12 +113,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "only at the end, on request and on SIGTERM)",
     )
     parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=5,
+        metavar="N",
+        help="held-out loss every N committed outer steps, and at the end (%(default)s)",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=8,
+        metavar="B",
+        help="batches of the held-out split per evaluation (%(default)s)",
+    )
+    parser.add_argument(
+        "--sample-bytes",
+        type=int,
+        default=160,
+        metavar="N",
+        help="length of the text sample printed at the end; 0: none (%(default)s)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint in the checkpoint directory",
     )
     args = parser.parse_args(argv)
-    for name in ("outer_steps", "sync_every", "batch_size", "checkpoint_every"):
+    if args.sample_bytes < 0:
+        parser.error("--sample-bytes must be >= 0")
+    for name in (
+        "outer_steps",
+        "sync_every",
+        "batch_size",
+        "checkpoint_every",
+        "eval_every",
+        "eval_batches",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -215,11 +245,81 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
             p.grad /= world_size
 
 
-def sync_line(report: SyncReport, loss: float) -> str:
+HELDOUT_FRACTION = 0.1
+
+
+def split_heldout(corpus: bytes, fraction: float = HELDOUT_FRACTION) -> tuple[bytes, bytes]:
+    """(training text, held-out text): the last ``fraction`` is never trained on.
+
+    Every group holds out the same bytes and evaluates on all of them (the
+    held-out split is not sharded), so groups' held-out losses compare.
+    """
+    cut = len(corpus) - int(len(corpus) * fraction)
+    return corpus[:cut], corpus[cut:]
+
+
+def heldout_batches(
+    heldout: bytes, block_size: int, batch_size: int, batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same evaluation batches on every group: windows evenly spaced over the split."""
+    dataset = ByteDataset(heldout, block_size)
+    count = min(len(dataset), batches * batch_size)
+    if count == 0:
+        raise SystemExit(
+            f"the held-out split ({len(heldout)} bytes) holds no window of {block_size + 1} "
+            "bytes: give more --data"
+        )
+    windows = [dataset[i * len(dataset) // count] for i in range(count)]
+    return [
+        (
+            torch.stack([x for x, _ in windows[i : i + batch_size]]),
+            torch.stack([y for _, y in windows[i : i + batch_size]]),
+        )
+        for i in range(0, count, batch_size)
+    ]
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss over the held-out batches, weighted by their sizes."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    count = 0
+    for x, y in batches:
+        _, loss = model(x, y)
+        assert loss is not None
+        total += loss.item() * len(x)
+        count += len(x)
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def sample_text(model: GPT, prompt: bytes, length: int, seed: int = 0) -> str:
+    """``length`` bytes the model writes after ``prompt`` (temperature 0.8), as one line."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.tensor([list(prompt)], dtype=torch.long)
+    for _ in range(length):
+        logits, _ = model(tokens[:, -model.config.block_size :])
+        probs = torch.softmax(logits[0, -1] / 0.8, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)
+        tokens = torch.cat([tokens, token.view(1, 1)], dim=1)
+    model.train(was_training)
+    text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
+    # One line for the launcher and the log: newlines and tabs spelled out.
+    return "".join({"\n": "\\n", "\t": "\\t"}.get(c, c if c.isprintable() else "?") for c in text)
+
+
+def sync_line(report: SyncReport, loss: float, eval_loss: float | None = None) -> str:
     outcome = "committed" if report.committed else "rolled back"
     healed = " | healed" if report.healed else ""
+    evaluated = "" if eval_loss is None else f" | eval {eval_loss:.3f}"
     return (
-        f"outer step {report.step} | loss {loss:.3f} | participants {report.participants} | "
+        f"outer step {report.step} | loss {loss:.3f}{evaluated} | "
+        f"participants {report.participants} | "
         f"sync {report.seconds:.3f}s | sent {report.bytes_sent / 1e6:.1f} MB | "
         f"waited {report.waited:.3f}s, {report.hidden_fraction:.0%} hidden | {outcome}{healed}"
     )
@@ -246,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     # (and are tested) without the fault-tolerance machinery.
     from ftdiloco.diloco import DiLoCo
     from ftdiloco.manager import Manager
+    from ftdiloco.standalone import STANDALONE_NOTE, StandaloneManager
 
     logs.configure()
     # Read (and validate) the environment before building anything.
@@ -254,13 +355,23 @@ def main(argv: list[str] | None = None) -> int:
         config = Config.from_env(**checkpoint_overrides(args))
     if args.resume and config.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir (or FTDILOCO_CHECKPOINT_DIR)")
+    if config.standalone and config.checkpoint_dir is not None:
+        raise SystemExit(
+            f"{PROGRAM}: checkpoints need a real job; FTDILOCO_LIGHTHOUSE=none trains standalone"
+        )
     leader = config.rank == 0  # the group's rank 0 speaks for it
+    if leader and config.standalone:
+        print(STANDALONE_NOTE, flush=True)
     if config.world_size > 1:
         dist.init_process_group("gloo")  # torchrun's env:// rendezvous, this group only
 
     model = build_model(args.model_size, args.seed)
     corpus = load_corpus(args.data) if args.data else default_corpus()
-    loader = build_loader(corpus, model.config.block_size, args.batch_size, args.seed, config)
+    train_text, heldout = split_heldout(corpus)
+    loader = build_loader(train_text, model.config.block_size, args.batch_size, args.seed, config)
+    eval_batches = heldout_batches(
+        heldout, model.config.block_size, args.batch_size, args.eval_batches
+    )
     inner_opt, outer_opt = build_optimizers(model, args)
     if leader:
         print(
@@ -275,13 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     last_loss = math.nan
     rolled_back = inner_steps = 0
     started = time.monotonic()
-    with Manager(config) as manager:
+    manager: Manager | StandaloneManager
+    manager = StandaloneManager(config) if config.standalone else Manager(config)
+    with manager:
         diloco = DiLoCo(manager, model, inner_opt, outer_opt, sync_every=args.sync_every)
         sampler = loader.sampler
         assert isinstance(sampler, ShardSampler)
-        # Saved with every checkpoint, so a resumed run reads on where it stopped.
-        manager.checkpoint_metadata = lambda: {"sampler": sampler.state_dict()}
-        if args.resume:
+        if isinstance(manager, Manager):
+            # Saved with every checkpoint, so a resumed run reads on where it stopped.
+            manager.checkpoint_metadata = lambda: {"sampler": sampler.state_dict()}
+        if args.resume and isinstance(manager, Manager):
             if manager.resume():
                 assert manager.resumed_metadata is not None
                 if "sampler" in manager.resumed_metadata:
@@ -290,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"resumed from step {manager.step}", flush=True)
             elif leader:
                 print(f"no checkpoint in {config.checkpoint_dir}; starting at step 0", flush=True)
-        if config.checkpoint_dir is not None:
+        if config.checkpoint_dir is not None and isinstance(manager, Manager):
             manager.install_sigterm_handler()
         # Entering joins the job's next outer step before any inner step (a
         # restarted group heals there), so resuming comes first.
@@ -317,23 +431,32 @@ def main(argv: list[str] | None = None) -> int:
                     losses.clear()
                     rolled_back += not report.committed
                     progress.clear()
+                    evaluated = None
+                    if leader and report.committed and manager.step % args.eval_every == 0:
+                        evaluated = evaluate(model, eval_batches)
                     if leader:
-                        print(sync_line(report, last_loss), flush=True)
+                        print(sync_line(report, last_loss, evaluated), flush=True)
                 else:
                     progress.show(f"inner step {len(losses)}/{args.sync_every}")
                 if manager.step >= args.outer_steps:
                     break
         committed = manager.step
-        if config.checkpoint_dir is not None:
+        if config.checkpoint_dir is not None and isinstance(manager, Manager):
             manager.save_checkpoint()  # a later --resume with more --outer-steps goes on from here
 
     if leader:
+        # The model holds the last committed global weights: the same on every group.
+        eval_loss = evaluate(model, eval_batches)
         print(
             f"done | {committed} outer steps committed, {rolled_back} rolled back | "
             f"{inner_steps} inner steps in {time.monotonic() - started:.1f}s | "
-            f"final loss {last_loss:.3f}",
+            f"final loss {last_loss:.3f} | final eval {eval_loss:.3f}",
             flush=True,
         )
+        if args.sample_bytes:
+            prompt = b"def "
+            text = sample_text(model, prompt, args.sample_bytes, seed=args.seed)
+            print(f"sample | {text}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
