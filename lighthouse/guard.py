@@ -181,8 +181,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     """Turns every failure of a handler into an answer and a log line, never a crash."""
     try:
         return await handler(request)
-    except web.HTTPException:
-        raise  # aiohttp's own answers (404, 405, a bad upgrade) already carry a message
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        # aiohttp's own refusals (404, 405, a bad upgrade) in the one shape.
+        code = "_".join(e.reason.lower().split()) or "refused"
+        response = answer(request, Refused(e.status, code, e.text or e.reason))
+        if "Allow" in e.headers:
+            response.headers["Allow"] = e.headers["Allow"]
+        return response
     except Exception as e:
         return answer(request, e)
 
