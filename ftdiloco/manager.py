@@ -21,10 +21,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,20 +36,13 @@ from torch._C._distributed_c10d import TCPStore
 
 from ftdiloco import process_group
 from ftdiloco.allreduce import Bucketer, Work, serially, start_thread
-from ftdiloco.checkpoint import (
-    CheckpointError,
-    check_layout,
-    list_checkpoints,
-    load_checkpoint,
-    rank_directory,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from ftdiloco.checkpointing import GroupCheckpoints
 from ftdiloco.compression import Codec, compressed_allreduce
 from ftdiloco.config import Config
 from ftdiloco.group import GroupGather, contribute_remote
 from ftdiloco.metrics import GroupMetrics
 from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
+from ftdiloco.state import StateLoad, StateRegistry, StateSave
 from ftdiloco.transport import HealError, StateServer, fetch_state
 from lighthouse import guard, protocol
 from lighthouse.background import BackgroundLoop
@@ -62,18 +53,10 @@ from lighthouse.quorum import Member, Quorum
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-StateSave = Callable[[], dict[str, torch.Tensor]]
-StateLoad = Callable[[dict[str, torch.Tensor]], None]
 
 
 class MemberLost(RuntimeError):
     """The lighthouse reported that a member of the current quorum died."""
-
-
-@dataclass(frozen=True)
-class _State:
-    save: StateSave
-    load: StateLoad
 
 
 class Manager:
@@ -105,7 +88,10 @@ class Manager:
         self._aborts: list[tuple[process_group.CrossGroup, concurrent.futures.Future[None]]] = []
         self._error: BaseException | None = None
         self._abort: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self._states: dict[str, _State] = {}
+        self._states = StateRegistry()
+        self.checkpoints = GroupCheckpoints(
+            cfg, self.group_rank, self.group_size, self._states, self._round, self._log
+        )
         self._bucketer = Bucketer()
         self._dirty = False
         self._state_server = StateServer(self.config.token)
@@ -155,9 +141,7 @@ class Manager:
         ``save`` returns tensors that stay unchanged from ``start_quorum`` until
         the commit, so they can be served to a recovering peer meanwhile.
         """
-        if "/" in name or name in self._states:
-            raise ValueError(f"state name {name!r} is taken or contains '/'")
-        self._states[name] = _State(save, load)
+        self._states.register(name, save, load)
 
     def report_loss(self, loss: float) -> None:
         """The script's latest training loss, for ``/metrics`` (``ftdiloco_loss``)."""
@@ -183,7 +167,7 @@ class Manager:
         started = self._sync_started = time.perf_counter()
         if not self._dirty and self._states:
             # Until the commit nothing changes this state: a peer may copy it.
-            self._state_server.publish(self.step, self._state_tensors())
+            self._state_server.publish(self.step, self._states.tensors())
         try:
             quorum = self._round("quorum", self._quorum_contribution())["quorum"]
             info = protocol.decode_quorum(quorum)
@@ -443,8 +427,8 @@ class Manager:
             {
                 "quorum": self._decide_quorum,
                 "vote": self._decide_vote,
-                "checkpoint": self._decide_checkpoint,
-                "resume": self._decide_resume,
+                "checkpoint": self.checkpoints.decide_checkpoint,
+                "resume": self.checkpoints.decide_resume,
             },
         )
         self._state_server.add_routes(app)
@@ -641,13 +625,6 @@ class Manager:
             self._aborts = [(g, f) for g, f in self._aborts if not f.done()]
             self._aborts.append((pg, start_thread(lambda: process_group.abort(pg), "abort")))
 
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}/{key}": tensor
-            for name, state in self._states.items()
-            for key, tensor in state.save().items()
-        }
-
     def _heal(self, plan: QuorumPlan) -> None:
         """Copy the committed state of ``plan.donor`` (this group rank's peer) into ours.
 
@@ -662,7 +639,7 @@ class Manager:
             raise HealError(f"donor {donor.replica_id} sent no heal address", "protocol")
         self._state_server.retract()
         self._dirty = True
-        local = self._state_tensors()
+        local = self._states.tensors()
 
         def destination(
             layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -689,9 +666,7 @@ class Manager:
             ),
             timeout=timeout + 5,
         )
-        for name, state in self._states.items():
-            prefix = f"{name}/"
-            state.load({k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)})
+        self._states.load(received)
         self._committed = (plan.max_step, plan.history)
         self._dirty = False
         seconds = time.perf_counter() - started
@@ -732,30 +707,29 @@ class Manager:
         work = Work(lambda: self._finish(future, work))
         return work
 
-    # -- durable checkpoints (ftdiloco.checkpoint) --------------------------------------------
+    # -- durable checkpoints (ftdiloco.checkpointing) ---------------------------------------
 
-    # Set to a function returning JSON-able run metadata (a data loader's
-    # position, say) to store it with every checkpoint this manager saves.
-    checkpoint_metadata: Callable[[], dict[str, Any]] | None = None
-    # After ``resume`` returned True: that metadata, as saved.
-    resumed_metadata: dict[str, Any] | None = None
-    # Written by the server thread (requests) or a signal handler (stop) and
-    # read by the training thread at a step boundary.  Requests are counted,
-    # not flagged, so one that arrives while a save runs is not lost.
-    _checkpoint_requests = 0
-    _checkpoint_requests_done = 0
-    _stop_requested = False
-    _last_checkpoint_step: int | None = None
+    @property
+    def checkpoint_metadata(self) -> Callable[[], dict[str, Any]] | None:
+        """A function returning JSON-able run metadata (a data loader's position, say),
+        stored with every checkpoint this manager saves."""
+        return self.checkpoints.metadata
+
+    @checkpoint_metadata.setter
+    def checkpoint_metadata(self, metadata: Callable[[], dict[str, Any]] | None) -> None:
+        self.checkpoints.metadata = metadata
+
+    @property
+    def resumed_metadata(self) -> dict[str, Any] | None:
+        """After :meth:`resume` returned True: that metadata, as saved."""
+        return self.checkpoints.resumed_metadata
 
     def checkpoint_directory(self, root: str | os.PathLike[str] | None = None) -> Path | None:
         """This process's checkpoints: ``<root>/<replica id>/rank-<group rank>``.
 
         ``root`` defaults to ``FTDILOCO_CHECKPOINT_DIR``; None if neither is set.
         """
-        root = root if root is not None else self.config.checkpoint_dir
-        if root is None:
-            return None
-        return rank_directory(root, self.config.replica_id, self.group_rank)
+        return self.checkpoints.directory(root)
 
     def save_checkpoint(
         self,
@@ -769,30 +743,7 @@ class Manager:
         failed holds torn state and refuses.  ``metadata`` (JSON) is stored
         with the output of :attr:`checkpoint_metadata`.
         """
-        directory = self.checkpoint_directory(root)
-        if directory is None:
-            raise ValueError("no checkpoint directory: pass one or set FTDILOCO_CHECKPOINT_DIR")
-        if self._dirty:
-            raise RuntimeError(
-                "this group's state is torn by a failed heal; there is nothing to save "
-                "until a heal succeeds"
-            )
-        user = dict(self.checkpoint_metadata() if self.checkpoint_metadata is not None else {})
-        user.update(metadata or {})
-        path = save_checkpoint(
-            directory,
-            self.step,
-            self._state_tensors(),
-            {
-                "group_rank": self.group_rank,
-                "group_size": self.group_size,
-                "history": self.history,
-                "user": user,
-            },
-            replica_id=self.config.replica_id,
-        )
-        self._last_checkpoint_step = self.step
-        return path
+        return self.checkpoints.save(self._committed, self._dirty, root, metadata)
 
     def resume(self, root: str | os.PathLike[str] | None = None) -> bool:
         """Load the newest checkpoint that every rank of the group holds intact.
@@ -800,10 +751,10 @@ class Manager:
         Call on every rank, after the state is registered and before the
         first outer step.  The ranks agree (a group round) on the step, so a
         group never resumes at mixed steps; damaged checkpoints are skipped
-        with a warning.  The states' load callbacks receive the tensors and
-        :attr:`step` becomes the saved step; groups that are further ahead
-        still heal this one at the next quorum.  Returns False if there is
-        nothing to resume from.
+        with a warning.  The states' load callbacks receive the tensors, and
+        :attr:`step` and :attr:`history` become the saved ones; groups that
+        are further ahead still heal this one at the next quorum.  Returns
+        False if there is nothing to resume from.
 
         Raises :class:`~ftdiloco.checkpoint.CheckpointError` if the checkpoint
         does not fit the registered state (another model or optimizer):
@@ -811,51 +762,10 @@ class Manager:
         tensors no state takes, that is found only after loading, so the
         state may be partly overwritten when it raises.
         """
-        directory = self.checkpoint_directory(root)
-        if directory is None:
-            raise ValueError("no checkpoint directory: pass one or set FTDILOCO_CHECKPOINT_DIR")
-        intact: dict[int, Path] = {}
-        for path in list_checkpoints(directory):
-            try:
-                intact[verify_checkpoint(path).step] = path
-            except CheckpointError as e:
-                self._log.warning("skipping a damaged checkpoint", path=str(path), error=str(e))
-        step = self._round("resume", {"steps": sorted(intact)})["step"]
-        if step is None:
-            self._log.info("no checkpoint to resume from", directory=str(directory))
+        resumed = self.checkpoints.resume(root)
+        if resumed is None:
             return False
-        started = time.perf_counter()
-        local = self._state_tensors()
-
-        def destination(
-            layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-        ) -> dict[str, torch.Tensor]:
-            out = dict(local)
-            for name, dtype, shape in layout:
-                if name not in out:  # e.g. optimizer state, made at the first step
-                    out[name] = torch.empty(shape, dtype=dtype)
-            return out
-
-        step, tensors, metadata = load_checkpoint(intact[step], destination)
-        for name, state in self._states.items():
-            prefix = f"{name}/"
-            state.load({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        # Tensors that no state took (another model's extra parameters) show
-        # up only now, as names the state no longer has.
-        check_layout(
-            [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], self._state_tensors()
-        )
-        history = metadata.get("history")
-        self._committed = (step, history if isinstance(history, str) else GENESIS)
-        self._last_checkpoint_step = step
-        user = metadata.get("user")
-        self.resumed_metadata = user if isinstance(user, dict) else {}
-        self._log.info(
-            "resumed from checkpoint",
-            path=str(intact[step]),
-            step=step,
-            seconds=round(time.perf_counter() - started, 3),
-        )
+        self._committed = resumed
         return True
 
     def maybe_checkpoint(self) -> Path | None:
@@ -871,34 +781,7 @@ class Manager:
         A failed periodic save is logged, not raised: the peers still hold
         the run, and stopping the training would not bring the disk back.
         """
-        if self.checkpoint_directory() is None:
-            return None
-        requests = self._checkpoint_requests
-        asked = requests > self._checkpoint_requests_done
-        try:
-            answer = self._round("checkpoint", {"save": asked, "stop": self._stop_requested})
-            asked, stop = answer["save"] is True, answer["stop"] is True
-        except Exception as e:
-            self._log.warning("checkpoint round failed", error=repr(e))
-            asked, stop = False, self._stop_requested
-        every = self.config.checkpoint_every
-        due = (
-            every is not None
-            and self.step > 0
-            and self.step % every == 0
-            and self.step != self._last_checkpoint_step
-        )
-        path = None
-        if due or asked or stop:
-            try:
-                path = self.save_checkpoint()
-                self._checkpoint_requests_done = requests
-            except (OSError, RuntimeError, ValueError) as e:
-                self._log.error("checkpoint failed", step=self.step, error=repr(e))
-        if stop:
-            self._log.warning("stopping on SIGTERM", step=self.step, checkpoint=str(path))
-            raise SystemExit(0 if path is not None else 1)
-        return path
+        return self.checkpoints.maybe_save(self._committed, self._dirty)
 
     def install_sigterm_handler(self) -> None:
         """On SIGTERM: save a checkpoint at the end of the current outer step, then exit.
@@ -912,40 +795,7 @@ class Manager:
         (by default: the process ends at once).  Call from the main thread,
         with a checkpoint directory configured.
         """
-        if self.checkpoint_directory() is None:
-            raise ValueError("SIGTERM saves a checkpoint: set FTDILOCO_CHECKPOINT_DIR first")
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_sigterm(signum: int, frame: object) -> None:
-            if self._stop_requested or self._loop.loop.is_closed():
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            self._stop_requested = True
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    async def _decide_checkpoint(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "save": any(v.get("save") is True for v in values.values()),
-            "stop": any(v.get("stop") is True for v in values.values()),
-        }
-
-    async def _decide_resume(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """The newest step every rank holds intact; None if there is none."""
-        common: set[int] | None = None
-        for rank in sorted(values):
-            steps = values[rank].get("steps")
-            if not isinstance(steps, list) or not all(
-                isinstance(s, int) and not isinstance(s, bool) for s in steps
-            ):
-                raise protocol.ProtocolError(f"group rank {rank} sent no list of steps")
-            common = set(steps) if common is None else common & set(steps)
-        newest = {rank: max(v["steps"], default=None) for rank, v in values.items()}
-        step = max(common) if common else None
-        if len(set(newest.values())) > 1:
-            self._log.warning("group ranks hold different checkpoints", newest=newest, using=step)
-        return {"step": step}
+        self.checkpoints.install_sigterm_handler(self._loop.loop.is_closed)
 
     async def _checkpoint_route(self, request: web.Request) -> web.Response:
         """``POST /v1/checkpoint``: save at the next step boundary (202, with the current step).
@@ -955,10 +805,10 @@ class Manager:
         """
         if not self._token_ok(request):
             status, code, text = 401, "unauthorized", "missing or wrong token"
-        elif self.checkpoint_directory() is None:
+        elif self.checkpoints.directory() is None:
             status, code, text = 409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set"
         else:
-            self._checkpoint_requests += 1
+            self.checkpoints.requests += 1
             self._log.info("checkpoint requested", peer=request.remote, step=self.step)
             body = protocol.pack({"ok": True, "step": self.step})
             return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)

@@ -1,0 +1,218 @@
+"""A group's durable checkpoints: periodic, requested and on SIGTERM; resume at one step.
+
+The file format and its checks live in :mod:`ftdiloco.checkpoint`; this
+module decides *when* a group saves and *which* step it resumes, so that all
+ranks of a group agree (through group rounds) and save or load the same
+step.  The :class:`~ftdiloco.manager.Manager` owns one and exposes its
+public methods.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftdiloco.checkpoint import (
+    CheckpointError,
+    check_layout,
+    list_checkpoints,
+    load_checkpoint,
+    rank_directory,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from ftdiloco.config import Config
+from ftdiloco.state import StateRegistry
+from lighthouse.history import GENESIS
+
+Round = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+class GroupCheckpoints:
+    """When to save, what to resume; ``round`` runs a group round (see Manager._round)."""
+
+    def __init__(
+        self,
+        config: Config,
+        group_rank: int,
+        group_size: int,
+        states: StateRegistry,
+        round: Round,
+        log: Any,
+    ) -> None:
+        self.config = config
+        self.group_rank = group_rank
+        self.group_size = group_size
+        self._states = states
+        self._round = round
+        self._log = log
+        # A function returning JSON-able run metadata (a data loader's position,
+        # say) stored with every checkpoint; after a resume, that metadata.
+        self.metadata: Callable[[], dict[str, Any]] | None = None
+        self.resumed_metadata: dict[str, Any] | None = None
+        # Written by the server thread (requests) or a signal handler (stop) and
+        # read by the training thread at a step boundary.  Requests are counted,
+        # not flagged, so one that arrives while a save runs is not lost.
+        self.requests = 0
+        self._requests_done = 0
+        self.stop_requested = False
+        self._last_step: int | None = None
+
+    def directory(self, root: str | os.PathLike[str] | None = None) -> Path | None:
+        root = root if root is not None else self.config.checkpoint_dir
+        if root is None:
+            return None
+        return rank_directory(root, self.config.replica_id, self.group_rank)
+
+    def _required_directory(self, root: str | os.PathLike[str] | None) -> Path:
+        directory = self.directory(root)
+        if directory is None:
+            raise ValueError("no checkpoint directory: pass one or set FTDILOCO_CHECKPOINT_DIR")
+        return directory
+
+    def save(
+        self,
+        committed: tuple[int, str],
+        dirty: bool,
+        root: str | os.PathLike[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Save the registered state at ``committed`` = (step, history)."""
+        directory = self._required_directory(root)
+        if dirty:
+            raise RuntimeError(
+                "this group's state is torn by a failed heal; there is nothing to save "
+                "until a heal succeeds"
+            )
+        step, history = committed
+        user = dict(self.metadata() if self.metadata is not None else {})
+        user.update(metadata or {})
+        path = save_checkpoint(
+            directory,
+            step,
+            self._states.tensors(),
+            {
+                "group_rank": self.group_rank,
+                "group_size": self.group_size,
+                "history": history,
+                "user": user,
+            },
+            replica_id=self.config.replica_id,
+        )
+        self._last_step = step
+        return path
+
+    def resume(self, root: str | os.PathLike[str] | None = None) -> tuple[int, str] | None:
+        """Load the newest checkpoint every rank holds intact; its (step, history), or None."""
+        directory = self._required_directory(root)
+        intact: dict[int, Path] = {}
+        for path in list_checkpoints(directory):
+            try:
+                intact[verify_checkpoint(path).step] = path
+            except CheckpointError as e:
+                self._log.warning("skipping a damaged checkpoint", path=str(path), error=str(e))
+        step = self._round("resume", {"steps": sorted(intact)})["step"]
+        if step is None:
+            self._log.info("no checkpoint to resume from", directory=str(directory))
+            return None
+        started = time.perf_counter()
+        local = self._states.tensors()
+
+        def destination(
+            layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        ) -> dict[str, torch.Tensor]:
+            out = dict(local)
+            for name, dtype, shape in layout:
+                if name not in out:  # e.g. optimizer state, made at the first step
+                    out[name] = torch.empty(shape, dtype=dtype)
+            return out
+
+        step, tensors, metadata = load_checkpoint(intact[step], destination)
+        self._states.load(tensors)
+        # Tensors that no state took (another model's extra parameters) show
+        # up only now, as names the state no longer has.
+        check_layout(
+            [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], self._states.tensors()
+        )
+        history = metadata.get("history")
+        self._last_step = step
+        user = metadata.get("user")
+        self.resumed_metadata = user if isinstance(user, dict) else {}
+        self._log.info(
+            "resumed from checkpoint",
+            path=str(intact[step]),
+            step=step,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return step, history if isinstance(history, str) else GENESIS
+
+    def maybe_save(self, committed: tuple[int, str], dirty: bool) -> Path | None:
+        """Save if due (periodic, requested or SIGTERM); after a SIGTERM, exit (see Manager)."""
+        if self.directory() is None:
+            return None
+        requests = self.requests
+        asked = requests > self._requests_done
+        try:
+            answer = self._round("checkpoint", {"save": asked, "stop": self.stop_requested})
+            asked, stop = answer["save"] is True, answer["stop"] is True
+        except Exception as e:
+            self._log.warning("checkpoint round failed", error=repr(e))
+            asked, stop = False, self.stop_requested
+        step = committed[0]
+        every = self.config.checkpoint_every
+        due = every is not None and step > 0 and step % every == 0 and step != self._last_step
+        path = None
+        if due or asked or stop:
+            try:
+                path = self.save(committed, dirty)
+                self._requests_done = requests
+            except (OSError, RuntimeError, ValueError) as e:
+                self._log.error("checkpoint failed", step=step, error=repr(e))
+        if stop:
+            self._log.warning("stopping on SIGTERM", step=step, checkpoint=str(path))
+            raise SystemExit(0 if path is not None else 1)
+        return path
+
+    def install_sigterm_handler(self, closed: Callable[[], bool]) -> None:
+        """SIGTERM sets a flag; the next step boundary saves and exits (see Manager)."""
+        if self.directory() is None:
+            raise ValueError("SIGTERM saves a checkpoint: set FTDILOCO_CHECKPOINT_DIR first")
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            if self.stop_requested or closed():
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    # -- the group rounds (decided on rank 0) ---------------------------------------------
+
+    async def decide_checkpoint(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "save": any(v.get("save") is True for v in values.values()),
+            "stop": any(v.get("stop") is True for v in values.values()),
+        }
+
+    async def decide_resume(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """The newest step every rank holds intact; None if there is none.
+
+        Each rank's list of steps was checked when it contributed (ftdiloco.group).
+        """
+        common: set[int] | None = None
+        for rank in sorted(values):
+            steps = set(values[rank]["steps"])
+            common = steps if common is None else common & steps
+        newest = {rank: max(v["steps"], default=None) for rank, v in values.items()}
+        step = max(common) if common else None
+        if len(set(newest.values())) > 1:
+            self._log.warning("group ranks hold different checkpoints", newest=newest, using=step)
+        return {"step": step}
