@@ -63,6 +63,11 @@ class Manager:
     def __init__(self, config: Config | None = None, *, backend: str | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
         cfg = self.config
+        if cfg.standalone:
+            raise ValueError(
+                "FTDILOCO_LIGHTHOUSE=none asks for standalone training: use"
+                " ftdiloco.standalone.StandaloneManager (as the example does), not a Manager"
+            )
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group_rank = cfg.rank
         self.group_size = cfg.world_size
@@ -143,9 +148,11 @@ class Manager:
         """
         self._states.register(name, save, load)
 
-    def report_loss(self, loss: float) -> None:
-        """The script's latest training loss, for ``/metrics`` (``ftdiloco_loss``)."""
+    def report_loss(self, loss: float, *, eval_loss: float | None = None) -> None:
+        """The script's latest training (and held-out) loss, for ``/metrics``."""
         self.metrics.loss.set(loss)
+        if eval_loss is not None:
+            self.metrics.eval_loss.set(eval_loss)
 
     def report_sync(self, report: Any) -> None:
         """DiLoCo and LocalSGD hand over each SyncReport, for ``/metrics``."""

@@ -30,6 +30,9 @@ class GroupMetrics:
             "ftdiloco_step", "Outer steps committed so far (the job's step).", registry=r
         )
         self.loss = Gauge("ftdiloco_loss", "Last training loss the script reported.", registry=r)
+        self.eval_loss = Gauge(
+            "ftdiloco_eval_loss", "Last held-out loss the script reported.", registry=r
+        )
         self.sync_seconds = Histogram(
             "ftdiloco_sync_seconds",
             "From the start of an outer step to its commit or rollback.",

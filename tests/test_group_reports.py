@@ -11,11 +11,14 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
+from ftdiloco.config import Config
 from ftdiloco.diloco import LocalSGD
+from ftdiloco.manager import Manager
 from tests.test_checkpoint import Trainer, manager
 
 
@@ -71,3 +74,20 @@ def test_a_training_process_exports_its_metrics_on_the_manager_port(
     assert samples["ftdiloco_sync_seconds_count"] == step
     assert samples["ftdiloco_hidden_fraction"] == 0.0  # plain DiLoCo hides nothing
     assert samples["ftdiloco_heals_total"] == 0
+
+
+def test_a_manager_refuses_standalone_mode_in_one_line() -> None:
+    # FTDILOCO_LIGHTHOUSE=none is for ftdiloco.standalone, which talks to no lighthouse.
+    with pytest.raises(ValueError, match="StandaloneManager"):
+        Manager(Config.from_env({}, lighthouse="none"))
+
+
+def test_the_held_out_loss_reaches_metrics(lighthouse_url: str) -> None:
+    with manager(lighthouse_url, None) as m:
+        m.report_loss(2.0, eval_loss=1.75)
+        with urllib.request.urlopen(f"{m.address}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    samples = {
+        s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
+    assert (samples["ftdiloco_loss"], samples["ftdiloco_eval_loss"]) == (2.0, 1.75)

@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                     evaluated = None
                     if leader and report.committed and manager.step % args.eval_every == 0:
                         evaluated = evaluate(model, eval_batches)
+                    if isinstance(manager, Manager):  # exported on the manager port's /metrics
+                        manager.report_loss(last_loss, eval_loss=evaluated)
                     if leader:
                         print(sync_line(report, last_loss, evaluated), flush=True)
                 else:
