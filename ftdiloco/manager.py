@@ -18,7 +18,6 @@ lighthouse reports that a member of the quorum died.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import os
 import time
@@ -40,6 +39,7 @@ from ftdiloco.checkpointing import GroupCheckpoints
 from ftdiloco.compression import Codec, compressed_allreduce
 from ftdiloco.config import Config
 from ftdiloco.group import GroupGather, contribute_remote
+from ftdiloco.lost_members import LostMembers
 from ftdiloco.metrics import GroupMetrics
 from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
 from ftdiloco.state import StateLoad, StateRegistry, StateSave
@@ -83,11 +83,7 @@ class Manager:
         self._plan: QuorumPlan | None = None
         self._pg: process_group.CrossGroup | None = None
         self._pg_quorum_id: int | None = None
-        # member_lost for ranks other than 0 (see _watch_lost_members): on rank 0
-        # the losses seen and the ranks waiting for one; elsewhere the watch.
-        self._lost: dict[int, str] = {}
-        self._lost_waiters: dict[int, asyncio.Future[None]] = {}
-        self._lost_watch: concurrent.futures.Future[None] | None = None
+        self._lost_members = LostMembers(cfg.token, self._log)
         # Process groups aborted in the background (see _drop_process_group),
         # kept so that they are destroyed on this thread, not on the abort's.
         self._aborts: list[tuple[process_group.CrossGroup, concurrent.futures.Future[None]]] = []
@@ -183,7 +179,14 @@ class Manager:
             )
             self._plan = plan
             self.metrics.participants.set(plan.replica_world_size)
-            self._watch_lost_members(plan)
+            if self.group_rank > 0 and plan.replica_world_size > 1:
+                self._lost_members.watch(
+                    self._loop,
+                    (self._session, self._leader_url),
+                    plan.quorum_id,
+                    self._abort,
+                    self.config.collective_timeout,
+                )
             self._reconfigure(plan)
         except Exception as e:
             self.report_error(e)
@@ -443,7 +446,7 @@ class Manager:
         if self.group_rank == 0:
             self._gather.add_routes(app, self._token_ok)
             app.router.add_post("/v1/checkpoint", self._checkpoint_route)
-            app.router.add_post("/v1/group/lost", self._lost_route)
+            app.router.add_post("/v1/group/lost", self._lost_members.route)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = self.config.manager_port if self.group_rank == 0 else 0
@@ -479,79 +482,11 @@ class Manager:
         """What every heartbeat tells the lighthouse: who we are, what we hold committed."""
         return protocol.Liveness(self.incarnation, None if self._dirty else self._committed)
 
-    # -- member_lost reaches every rank ---------------------------------------------------
-    #
-    # Only rank 0 holds the liveness link.  The other ranks are blocked in
-    # their own cross-group collectives with the lost group's ranks, so each
-    # step they ask rank 0 (a long-poll on its manager server) whether a
-    # member of their quorum was lost, and abandon their wait when it was.
-
-    _LOST_KEPT = 64
-
-    def _watch_lost_members(self, plan: QuorumPlan) -> None:
-        if self.group_rank == 0 or plan.replica_world_size == 1:
-            return
-        if self._lost_watch is not None:
-            self._lost_watch.cancel()
-        self._lost_watch = self._loop.submit(self._ask_leader_lost(plan.quorum_id, self._abort))
-
-    async def _ask_leader_lost(self, quorum_id: int, abort: concurrent.futures.Future[str]) -> None:
-        body = protocol.pack(
-            {"quorum_id": quorum_id, "timeout_ms": int(self.config.collective_timeout * 1000)}
-        )
-        timeout = aiohttp.ClientTimeout(total=self.config.collective_timeout + 5)
-        try:
-            async with self._session.post(
-                f"{self._leader_url}/v1/group/lost",
-                data=body,
-                headers=self._headers,
-                timeout=timeout,
-            ) as response:
-                answer = protocol.unpack(await response.read()) if response.status == 200 else {}
-        except (aiohttp.ClientError, TimeoutError, protocol.ProtocolError) as e:
-            self._log.debug("asking group rank 0 for lost members failed", error=repr(e))
-            return
-        lost = answer.get("lost")
-        if isinstance(lost, str) and not abort.done():
-            self._log.warning("quorum member lost (told by group rank 0)", member=lost)
-            abort.set_result(lost)
-
-    async def _lost_route(self, request: web.Request) -> web.Response:
-        """``POST /v1/group/lost``: answer when a member of quorum Q is lost, or at the timeout."""
-        if not self._token_ok(request):
-            return _refuse(401, "unauthorized", "missing or wrong token")
-        try:
-            message = protocol.unpack(await request.read())
-            quorum_id = protocol._field(message, "quorum_id", int)
-            timeout = protocol._count(message, "timeout_ms", 1) / 1000
-        except protocol.ProtocolError as e:
-            return _refuse(400, "bad_request", str(e))
-        if quorum_id not in self._lost:
-            while len(self._lost_waiters) >= self._LOST_KEPT:  # forgotten quorums: let go
-                stale = self._lost_waiters.pop(next(iter(self._lost_waiters)))
-                if not stale.done():
-                    stale.set_result(None)
-            waiter = self._lost_waiters.setdefault(
-                quorum_id, asyncio.get_running_loop().create_future()
-            )
-            await asyncio.wait([waiter], timeout=timeout)
-        body = protocol.pack({"lost": self._lost.get(quorum_id)})
-        return web.Response(body=body, content_type=protocol.CONTENT_TYPE)
-
-    def _record_lost(self, quorum_id: int, replica_id: str) -> None:
-        """On rank 0's loop: remember the loss and release the ranks asking about it."""
-        self._lost[quorum_id] = replica_id
-        while len(self._lost) > self._LOST_KEPT:
-            del self._lost[next(iter(self._lost))]
-        waiter = self._lost_waiters.pop(quorum_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _on_lighthouse_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == protocol.EVENT_MEMBER_LOST:
             lost = protocol.decode_member_lost(event)
-            self._record_lost(lost.quorum_id, lost.replica_id)
+            self._lost_members.record(lost.quorum_id, lost.replica_id)
             plan = self._plan
             if plan is not None and lost.replica_id in plan.participants:
                 self._log.warning("quorum member lost", member=lost.replica_id, cause=lost.cause)
@@ -810,19 +745,10 @@ class Manager:
         Only flags the request: the training thread saves, since the state
         must not be read while training changes it.
         """
-        if not self._token_ok(request):
-            status, code, text = 401, "unauthorized", "missing or wrong token"
-        elif self.checkpoints.directory() is None:
-            status, code, text = 409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set"
-        else:
-            self.checkpoints.requests += 1
-            self._log.info("checkpoint requested", peer=request.remote, step=self.step)
-            body = protocol.pack({"ok": True, "step": self.step})
-            return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)
-        return _refuse(status, code, text)
-
-
-def _refuse(status: int, code: str, text: str) -> web.Response:
-    return web.Response(
-        status=status, body=protocol.encode_error(code, text), content_type=protocol.CONTENT_TYPE
-    )
+        guard.authorize(request, self.config.token)
+        if self.checkpoints.directory() is None:
+            raise guard.Refused(409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set")
+        self.checkpoints.requests += 1
+        self._log.info("checkpoint requested", peer=request.remote, step=self.step)
+        body = protocol.pack({"ok": True, "step": self.step})
+        return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)
