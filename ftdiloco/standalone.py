@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ftdiloco.config import Config, ConfigError
+from ftdiloco.state import StateRegistry
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +54,7 @@ class StandaloneManager:
             )
         self._step = 0
         self._plan: QuorumPlan | None = None
-        self._states: dict[
-            str,
-            tuple[
-                Callable[[], dict[str, torch.Tensor]],
-                Callable[[dict[str, torch.Tensor]], None],
-            ],
-        ] = {}
+        self._states = StateRegistry()
         self.last_sync: SyncReport | None = None
         self.last_loss: float | None = None
 
@@ -79,9 +74,7 @@ class StandaloneManager:
         save: Callable[[], dict[str, torch.Tensor]],
         load: Callable[[dict[str, torch.Tensor]], None],
     ) -> None:
-        if name in self._states:
-            raise ValueError(f"state {name!r} is already registered")
-        self._states[name] = (save, load)
+        self._states.register(name, save, load)
 
     def start_quorum(self) -> QuorumPlan | None:
         from ftdiloco.plan import QuorumPlan

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # only for annotations: the registry itself never touches a tensor's data
+    import torch
 
-StateSave = Callable[[], dict[str, torch.Tensor]]
-StateLoad = Callable[[dict[str, torch.Tensor]], None]
+StateSave = Callable[[], "dict[str, torch.Tensor]"]
+StateLoad = Callable[["dict[str, torch.Tensor]"], None]
 
 
 @dataclass(frozen=True)
