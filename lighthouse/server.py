@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import prometheus_client
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -43,6 +44,9 @@ from lighthouse.quorum import (
 )
 
 _log = structlog.get_logger()
+
+# "_created" series double every counter's output and tell an operator nothing here.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Replica frames are tiny heartbeats; anything near this is an attack or a bug.
 WS_MAX_FRAME_BYTES = 64 * 1024
@@ -185,6 +189,24 @@ class _Metrics:
         self.joins = Counter(
             "lighthouse_join_requests", "Join requests received.", registry=self.registry
         )
+        self.quorum_size = Gauge(
+            "lighthouse_quorum_size",
+            "Members of the quorum formed last (0 before the first).",
+            registry=self.registry,
+        )
+        self.joins_refused = Counter(
+            "lighthouse_joins_refused",
+            "Join requests refused, by reason (the error code of the answer).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in _JOIN_REFUSALS:
+            self.joins_refused.labels(reason)
+        self.joins_timed_out = Counter(
+            "lighthouse_joins_timed_out",
+            "Join requests answered with a timeout: no quorum formed in the time they gave.",
+            registry=self.registry,
+        )
         self.discarded = Counter(
             "lighthouse_steps_discarded",
             "Committed steps abandoned because every group holding them died.",
@@ -195,6 +217,20 @@ class _Metrics:
         )
         for answer in ("true", "false"):
             self.fences.labels(answer)
+
+
+# Refusals of a join an operator may want to see at zero before the first one.
+_JOIN_REFUSALS = (
+    "unauthorized",
+    "bad_request",
+    "too_large",
+    "standby",
+    "overloaded",
+    "shutting_down",
+    "stale_incarnation",
+    "superseded",
+    "evicted",
+)
 
 
 def _msgpack(body: bytes) -> web.Response:
@@ -415,6 +451,7 @@ class LighthouseServer:
         if last_arrival > float("-inf"):
             self._metrics.latency.observe(self._loop.time() - last_arrival)
         self._metrics.quorums.inc()
+        self._metrics.quorum_size.set(len(quorum.replica_ids))
         _log.info(
             "quorum formed",
             quorum_id=quorum.quorum_id,
@@ -483,12 +520,22 @@ class LighthouseServer:
     async def _join(self, request: web.Request) -> web.Response:
         arrived = self._loop.time()
         self._metrics.joins.inc()
-        self._authorize(request)
-        self._refuse_if_standby()
-        with self._slot():
-            join = protocol.decode_join(await self._read_body(request))
-            outcome = await self._wait_for_quorum(join.member, join.timeout, arrived)
+        try:
+            self._authorize(request)
+            self._refuse_if_standby()
+            with self._slot():
+                join = protocol.decode_join(await self._read_body(request))
+                outcome = await self._wait_for_quorum(join.member, join.timeout, arrived)
+        except protocol.ProtocolError:
+            self._metrics.joins_refused.labels("bad_request").inc()
+            raise
+        except _HttpError as e:
+            outcome = e
         if isinstance(outcome, _HttpError):
+            if outcome.code == "timeout":
+                self._metrics.joins_timed_out.inc()
+            else:
+                self._metrics.joins_refused.labels(outcome.code).inc()
             raise outcome
         return _msgpack(outcome)
 
