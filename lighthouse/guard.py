@@ -3,7 +3,9 @@
 The lighthouse, a group's manager server (the group round, the heal routes,
 the rendezvous store) all use these, so a header accepted by one is accepted
 by every other, and a refusal looks the same wherever it comes from: a 4xx
-status with a msgpack ``encode_error`` body naming what was wrong.
+status with an ``encode_error`` body naming what was wrong: msgpack for the
+library's clients, JSON for a person's tools (curl, a browser) that prefer it
+in their ``Accept`` header or sent a JSON body (:func:`wants_json`).
 
 The token travels as ``Authorization: Bearer <token>``.  As RFC 7235 says, the
 scheme is case-insensitive and one or more spaces separate it from the
@@ -13,7 +15,9 @@ credentials; the token itself is compared exactly, in constant time.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -94,13 +98,93 @@ def authorize(request: web.Request, token: str | None) -> None:
         raise Refused(401, "unauthorized", "wrong token")
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    """The one shape of every refusal: a msgpack map with ``error`` and ``message``."""
+JSON = "application/json"
+# Set on a request whose JSON body was accepted as such (read_message).
+_JSON_BODY = "ftdiloco.json_body"
+
+
+def _accepted(header: str) -> dict[str, float]:
+    """The media ranges of an ``Accept`` header with their quality (RFC 9110 12.5.1)."""
+    ranges: dict[str, float] = {}
+    for part in header.split(",")[:64]:
+        media, *params = (p.strip() for p in part.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+                if not 0.0 <= quality <= 1.0:  # also NaN
+                    quality = 0.0
+        if media:
+            ranges.setdefault(media.lower(), quality)
+    return ranges
+
+
+def _quality(ranges: dict[str, float], media: str) -> float:
+    """How much a client accepts ``media``: the most specific range that matches it."""
+    kind = media.split("/")[0]
+    for candidate in (media, f"{kind}/*", "*/*"):
+        if candidate in ranges:
+            return ranges[candidate]
+    return 0.0
+
+
+def wants_json(request: web.Request) -> bool:
+    """Whether to answer ``request`` in JSON rather than msgpack (the default).
+
+    JSON when the ``Accept`` header rates application/json above
+    application/msgpack (``curl -H 'Accept: application/json'``, a browser's
+    ``fetch`` that asks for it).  A client that says nothing, or ``*/*``, gets
+    msgpack, as the library's clients always have.
+    """
+    ranges = _accepted(request.headers.get("Accept", ""))
+    return _quality(ranges, JSON) > _quality(ranges, protocol.CONTENT_TYPE)
+
+
+def reply(request: web.Request, message: dict[str, Any], status: int = 200) -> web.Response:
+    """A successful or refused answer in the format the client prefers (see :func:`wants_json`)."""
+    if wants_json(request):
+        return web.Response(
+            status=status,
+            text=json.dumps({"v": protocol.PROTOCOL_VERSION, **message}),
+            content_type=JSON,
+        )
     return web.Response(
-        status=status,
-        body=protocol.encode_error(code, message[:4096]),
-        content_type=protocol.CONTENT_TYPE,
+        status=status, body=protocol.pack(message), content_type=protocol.CONTENT_TYPE
     )
+
+
+def error_response(
+    status: int, code: str, message: str, request: web.Request | None = None
+) -> web.Response:
+    """The one shape of every refusal: a map with ``error`` and ``message``, in msgpack
+    or, for a client that prefers it, JSON."""
+    fields = {"error": code, "message": message[:4096]}
+    if request is not None:
+        return reply(request, fields, status)
+    return web.Response(
+        status=status, body=protocol.pack(fields), content_type=protocol.CONTENT_TYPE
+    )
+
+
+async def read_message(
+    request: web.Request, limit: int = protocol.MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
+    """A request's body as a message: JSON when its Content-Type says so, msgpack otherwise.
+
+    An empty body is an empty message; either format is held to the same
+    decode-time limits (:func:`protocol.unpack`, :func:`protocol.unpack_json`).
+    """
+    body = await read_body(request, limit)
+    if not body:
+        return {"v": protocol.PROTOCOL_VERSION}
+    if request.content_type == JSON:
+        request[_JSON_BODY] = True
+        return protocol.unpack_json(body)
+    return protocol.unpack(body)
 
 
 async def read_body(request: web.Request, limit: int = protocol.MAX_MESSAGE_BYTES) -> bytes:
@@ -138,7 +222,8 @@ def _refusal_of(request: web.Request, error: Exception) -> Refused | None:
         return error
     if isinstance(error, protocol.ProtocolError):
         message = str(error)
-        if request.content_type != protocol.CONTENT_TYPE:
+        # A JSON body where JSON is accepted (the control endpoints) needs no hint.
+        if request.content_type != protocol.CONTENT_TYPE and not request.get(_JSON_BODY):
             message += (
                 f" (Content-Type is {request.content_type}, expected {protocol.CONTENT_TYPE})"
             )
@@ -159,7 +244,9 @@ def answer(request: web.Request, error: Exception) -> web.Response:
             peer=request.remote,
             exc_info=(type(error), error, error.__traceback__),
         )
-        return error_response(500, "internal", f"internal error: {type(error).__name__}: {error}")
+        return error_response(
+            500, "internal", f"internal error: {type(error).__name__}: {error}", request
+        )
     log = _log.info if refused.code in ROUTINE else _log.warning
     log(
         "request refused",
@@ -170,7 +257,7 @@ def answer(request: web.Request, error: Exception) -> web.Response:
         path=request.path,
         peer=request.remote,
     )
-    response = error_response(refused.status, refused.code, refused.message)
+    response = error_response(refused.status, refused.code, refused.message, request)
     if refused.close:
         response.force_close()
     return response

@@ -10,6 +10,7 @@ server turns into a 400 with the message -- never a crash.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,6 +122,39 @@ def unpack(body: bytes, limits: Limits = REQUEST) -> dict[str, Any]:
     _check_shape(message, limits)
     version = message.get("v")
     # Type-strict: True and 1.0 equal 1 in Python, but are not version 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {describe(version)}; this lighthouse speaks"
+            f" {PROTOCOL_VERSION}"
+        )
+    return message
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"JSON constant {name} is not allowed")
+
+
+def unpack_json(body: bytes, limits: Limits = REQUEST) -> dict[str, Any]:
+    """A message sent as JSON (curl, a browser) within the same ``limits`` as msgpack.
+
+    ``"v"`` may be left out (a person typing a body should not need it); when
+    present it is checked like msgpack's.  NaN and Infinity are refused.
+    """
+    if len(body) > limits.max_bytes:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {limits.max_bytes}")
+    try:
+        message = json.loads(body, parse_constant=_no_constant)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError(f"message is nested deeper than {limits.max_depth} levels") from None
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise ProtocolError(f"body is not valid JSON: {e}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"message must be an object, got {type(message).__name__}")
+    _check_shape(message, limits)
+    message.setdefault("v", PROTOCOL_VERSION)
+    version = message["v"]
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"unsupported protocol version {describe(version)}; this lighthouse speaks"
@@ -321,7 +355,11 @@ def encode_kill(rid: str, reason: str = "") -> bytes:
 
 
 def decode_kill(body: bytes) -> tuple[str, str]:
-    message = unpack(body)
+    return kill_fields(unpack(body))
+
+
+def kill_fields(message: Mapping[str, Any]) -> tuple[str, str]:
+    """The replica to kill and why, from a decoded msgpack or JSON message."""
     return replica_id(message), _text(message, "reason", 1024, "")
 
 

@@ -672,23 +672,22 @@ class LighthouseServer:
     async def _kill(self, request: web.Request) -> web.Response:
         self._authorize(request)
         self._refuse_if_standby()
-        rid, reason = protocol.decode_kill(await self._read_body(request))
+        message = await guard.read_message(request, self.config.max_body_bytes)
+        rid, reason = protocol.kill_fields(message)
         conn = self._sockets.get(rid)
         if conn is not None:
             conn.push(protocol.pack({"type": "kill", "reason": reason}))
         update = self._drive(lambda now: self.core.lost(rid, now, EvictionCause.KILLED))
         _log.warning("replica killed by operator", replica=rid, reason=reason, peer=request.remote)
         known = bool(update.evicted) or conn is not None
-        return _msgpack(protocol.pack({"ok": True, "known": known}))
+        return guard.reply(request, {"ok": True, "known": known})
 
     async def _shutdown(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        body = await self._read_body(request)
-        if body:
-            protocol.unpack(body)
+        await guard.read_message(request, self.config.max_body_bytes)
         _log.warning("shutdown requested", peer=request.remote)
         self.request_stop()
-        return _msgpack(protocol.pack({"ok": True}))
+        return guard.reply(request, {"ok": True})
 
     # -- read-only pages ----------------------------------------------------------------
 
