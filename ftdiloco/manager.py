@@ -469,7 +469,9 @@ class Manager:
 
     async def _connect_lighthouse(self) -> None:
         cfg = self.config
-        self._lighthouse = AsyncLighthouseClient(list(cfg.lighthouse), cfg.token)
+        self._lighthouse = AsyncLighthouseClient(
+            list(cfg.lighthouse), cfg.token, retry_deadline=cfg.quorum_timeout
+        )
         self._liveness = self._lighthouse.liveness(
             cfg.replica_id,
             self._on_lighthouse_event,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
@@ -63,6 +65,8 @@ T = TypeVar("T")
 # restart is over in about a second), later ones at most 2 s apart.
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 2.0
+# How often a replica that cannot reach the lighthouse says so (one line each time).
+WAITING_REPORT_EVERY_S = 5.0
 
 PushedEvent = dict[str, Any]
 
@@ -78,7 +82,7 @@ class LighthouseUnavailable(LighthouseError):
     """No address gave an answer before the retries ran out; ``cause`` is the last failure."""
 
     def __init__(self, addresses: Sequence[str], cause: BaseException) -> None:
-        super().__init__(f"no lighthouse reachable at {', '.join(addresses)}: {_describe(cause)}")
+        super().__init__(f"no lighthouse reachable at {', '.join(addresses)}: {_reason(cause)}")
         self.addresses = tuple(addresses)
         self.cause = cause
 
@@ -264,7 +268,9 @@ class AsyncLighthouseClient:
             except protocol.ProtocolError as e:
                 raise LighthouseError(f"{address} sent an unreadable quorum: {e}") from e
 
-        return await self._with_failover("join", attempt, stop_before_delay(timeout), _any_failure)
+        return await self._with_failover(
+            "join", attempt, stop_before_delay(timeout), _any_failure, timeout
+        )
 
     async def heartbeat(self, replica_id: str, liveness: protocol.Liveness | None = None) -> None:
         await self._post("/v1/heartbeat", protocol.encode_heartbeat(replica_id, liveness))
@@ -306,7 +312,9 @@ class AsyncLighthouseClient:
                 raise LighthouseError(f"{address} sent status that is not an object")
             return status
 
-        return await self._with_failover("status", attempt, self._short_stop(), _not_shutting_down)
+        return await self._with_failover(
+            "status", attempt, self._short_stop(), _not_shutting_down, self.retry_deadline
+        )
 
     def liveness(
         self,
@@ -351,7 +359,9 @@ class AsyncLighthouseClient:
         async def attempt(address: str) -> dict[str, Any]:
             return _decode(address, await self._exchange("POST", address, path, body))
 
-        return await self._with_failover(path, attempt, self._short_stop(), retry_on)
+        return await self._with_failover(
+            path, attempt, self._short_stop(), retry_on, self.retry_deadline
+        )
 
     async def _exchange(
         self, method: str, address: str, path: str, body: bytes | None = None, wait: float = 0.0
@@ -375,13 +385,29 @@ class AsyncLighthouseClient:
         attempt: Callable[[str], Awaitable[T]],
         stop: stop_base,
         retry_on: Callable[[BaseException], bool],
+        deadline: float | None = None,
     ) -> T:
-        """Run ``attempt`` against the current address until it succeeds or ``stop`` says so."""
+        """Run ``attempt`` against the current address until it succeeds or ``stop`` says so.
+
+        ``deadline`` (seconds, None for never) is what ``stop`` allows; the
+        line that says the lighthouse cannot be reached names it.
+        """
+        backoff = wait_random_exponential(multiplier=_BACKOFF_FIRST_S, max=_BACKOFF_MAX_S)
+
+        def wait(state: RetryCallState) -> float:
+            # The last pause ends at the deadline, so the last try is made there
+            # (stop_before_delay would otherwise give up up to one pause early).
+            pause = backoff(state)
+            if deadline is None:
+                return pause
+            left = deadline - (state.seconds_since_start or 0.0) - 0.001
+            return max(min(pause, left), 0.0)
+
         retrying = AsyncRetrying(
             stop=stop,
-            wait=wait_random_exponential(multiplier=_BACKOFF_FIRST_S, max=_BACKOFF_MAX_S),
+            wait=wait,
             retry=retry_if_exception(lambda e: isinstance(e, _Failover) and retry_on(e.cause)),
-            before_sleep=lambda state: _log_retry(what, state),
+            before_sleep=_Waiting(what, deadline),
             reraise=True,
         )
         try:
@@ -403,17 +429,63 @@ class AsyncLighthouseClient:
             raise
 
 
-def _log_retry(what: str, state: RetryCallState) -> None:
-    failure = state.outcome.exception() if state.outcome is not None else None
-    assert isinstance(failure, _Failover)  # nothing else is retried
-    log.warning(
-        "lighthouse request failed, retrying",
-        request=what,
-        address=failure.address,
-        attempt=state.attempt_number,
-        cause=_describe(failure.cause),
-        retry_in_s=round(state.upcoming_sleep, 3),
-    )
+class _Waiting:
+    """Says, on one line every few seconds, that the lighthouse cannot be reached yet.
+
+    ``waiting for lighthouse http://h:29510: connection refused (12 s of 60 s)``
+    goes to stderr, where a person watching a job looks, instead of a
+    structured warning per retry; each retry is still logged at debug level.
+    """
+
+    def __init__(self, what: str, deadline: float | None) -> None:
+        self.what = what
+        self.deadline = deadline
+        self._said_at: float | None = None
+
+    def __call__(self, state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        assert isinstance(failure, _Failover)  # nothing else is retried
+        log.debug(
+            "lighthouse request failed, retrying",
+            request=self.what,
+            address=failure.address,
+            attempt=state.attempt_number,
+            cause=_describe(failure.cause),
+            retry_in_s=round(state.upcoming_sleep, 3),
+        )
+        if not failure.move_on:
+            return  # the lighthouse answered and asked for this retry (evicted: join again)
+        elapsed = state.seconds_since_start or 0.0
+        if self._said_at is not None and elapsed - self._said_at < WAITING_REPORT_EVERY_S:
+            return
+        self._said_at = elapsed
+        of = f" of {self.deadline:.0f} s" if self.deadline is not None else ""
+        print(
+            f"waiting for lighthouse {failure.address}: {_reason(failure.cause)}"
+            f" ({elapsed:.0f} s{of})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _reason(cause: BaseException) -> str:
+    """Why an address failed, in the words a person would use."""
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        os_error = cause.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(os_error, socket.gaierror):
+            return f"cannot resolve {cause.host} ({os_error.strerror})"
+        return os_error.strerror or _describe(os_error)
+    if isinstance(cause, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return "no answer in time"
+    if isinstance(cause, aiohttp.ServerDisconnectedError):
+        return "connection closed by the server"
+    if isinstance(cause, LighthouseShuttingDown):
+        return "the lighthouse is shutting down"
+    if isinstance(cause, LighthouseHTTPError):
+        return f"HTTP {cause.status} {cause.code}: {cause.message}"
+    return _describe(cause)
 
 
 def _decode(address: str, body: bytes) -> dict[str, Any]:
@@ -472,7 +544,11 @@ class LivenessLink:
         if self._task is not None:
             raise RuntimeError(f"liveness link for {self.replica_id!r} is already running")
         ws = await self._client._with_failover(
-            "liveness", self._connect, self._client._short_stop(), _any_failure
+            "liveness",
+            self._connect,
+            self._client._short_stop(),
+            _any_failure,
+            self._client.retry_deadline,
         )
         self._task = asyncio.create_task(self._run(ws), name=f"liveness-{self.replica_id}")
         self._client._links.add(self)
