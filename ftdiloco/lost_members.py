@@ -45,6 +45,13 @@ class LostMembers:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def release_all(self) -> None:
+        """On rank 0's loop, when it leaves: answer every waiting rank now (nothing lost)."""
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
     async def route(self, request: web.Request) -> web.Response:
         """``POST /v1/group/lost``: answer when a member of quorum Q is lost, or at the timeout."""
         guard.authorize(request, self._token)

@@ -499,6 +499,8 @@ class Manager:
             os._exit(70)
 
     async def _shutdown(self) -> None:
+        # Long-polls from the other ranks would hold the server's cleanup.
+        self._lost_members.release_all()
         if self._liveness is not None:
             await self._liveness.stop()
         if self._lighthouse is not None:
