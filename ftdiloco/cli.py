@@ -4,6 +4,7 @@
 ``ftdiloco status``     the current quorum and its members, from a lighthouse's /status
 ``ftdiloco lighthouse`` the lighthouse of a batch job: stops once every group is done
 ``ftdiloco kill GROUP`` / ``checkpoint`` / ``shutdown``  operate a running job, for scripts
+``ftdiloco set-outer-lr X [--momentum M]``  change the outer optimizer of every group live
 
 The operating commands find the lighthouse in ``--lighthouse`` or else in
 ``FTDILOCO_LIGHTHOUSE`` (or ``TORCHFT_LIGHTHOUSE``), and send the token from
@@ -42,6 +43,13 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -151,6 +159,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     _operator_flags(checkpoint)
 
+    outer_lr = commands.add_parser(
+        "set-outer-lr",
+        help="change the outer learning rate (and momentum) of every group, live",
+        description="POST /v1/settings to the lighthouse. Every group applies the change at "
+        "the same outer step: the one after the next quorum's. Needs the token when the job "
+        "has one.",
+    )
+    outer_lr.add_argument("lr", type=_non_negative, metavar="X", help="the new outer lr")
+    outer_lr.add_argument(
+        "--momentum", type=_non_negative, metavar="M", help="the new outer momentum, in [0, 1)"
+    )
+    _operator_flags(outer_lr)
+
     shutdown = commands.add_parser(
         "shutdown",
         help="stop the lighthouse (every waiting join is answered first)",
@@ -253,7 +274,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
 
 # -- operating a running job ------------------------------------------------------------
 
-OPERATOR_COMMANDS = ("status", "kill", "checkpoint", "shutdown")
+OPERATOR_COMMANDS = ("status", "kill", "checkpoint", "shutdown", "set-outer-lr")
 
 
 def _operate(args: argparse.Namespace) -> int:
@@ -273,6 +294,8 @@ def _operate(args: argparse.Namespace) -> int:
         return kill(address, args.group, args.reason, timeout=args.timeout, token=token)
     if args.command == "checkpoint":
         return checkpoint(address, timeout=args.timeout, token=token)
+    if args.command == "set-outer-lr":
+        return set_outer_lr(address, args.lr, args.momentum, timeout=args.timeout, token=token)
     return shutdown(address, timeout=args.timeout, token=token)
 
 
@@ -324,6 +347,28 @@ def kill(
         print(f"ftdiloco kill: the lighthouse knows no live replica {replica_id}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(f"killed {replica_id}")
+    return 0
+
+
+def set_outer_lr(
+    address: str,
+    lr: float,
+    momentum: float | None = None,
+    *,
+    timeout: float = 3.0,
+    token: str | None = None,
+) -> int:
+    """Change every group's outer lr (and momentum) from the step after the next quorum's."""
+    from lighthouse.client import LighthouseError
+
+    try:
+        with _client(address, timeout, token) as client:
+            pending = client.set_settings(outer_lr=lr, outer_momentum=momentum)
+    except (LighthouseError, ValueError) as e:
+        print(f"ftdiloco set-outer-lr: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    shown = ", ".join(f"{name} {value:g}" for name, value in sorted(pending.items()))
+    print(f"{shown}: every group applies it from the step after the next quorum's")
     return 0
 
 

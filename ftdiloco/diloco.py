@@ -509,6 +509,7 @@ class DiLoCo(_OuterLoop):
         committed = self.manager.should_commit()
         empty = skip_empty and not any(bool(flat.any()) for flat in fragment.flats)
         if committed and not empty:
+            self._apply_settings()
             self._outer_step(fragment)
             if local is not None:
                 with torch.no_grad():
@@ -519,6 +520,22 @@ class DiLoCo(_OuterLoop):
                 residual.zero_()  # it held the error of a pseudo-gradient now discarded
         self._report(flight.started, committed, fragment.flats, waited, work.nbytes, fragment.index)
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
+
+    def _apply_settings(self) -> None:
+        """The live settings of this step's quorum (set-outer-lr), on every param group.
+
+        Every group of the quorum holds the same settings for the same step, so
+        the change takes effect at the same outer step everywhere (I1).
+        """
+        plan = self.manager.plan
+        settings = plan.outer_settings if plan is not None else None
+        if settings is None:
+            return
+        for group in self.outer_optimizer.param_groups:
+            if settings.outer_lr is not None:
+                group["lr"] = settings.outer_lr
+            if settings.outer_momentum is not None and "momentum" in group:
+                group["momentum"] = settings.outer_momentum
 
     def _outer_step(self, fragment: _Fragment) -> None:
         """Outer optimizer on this fragment only: the others' grads are hidden from it."""

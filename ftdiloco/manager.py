@@ -414,7 +414,7 @@ class Manager:
         )
         info = await self._lighthouse.join(member, timeout=self.config.quorum_timeout)
         quorum = Quorum(info.quorum_id, info.members, info.created)
-        return {"quorum": protocol.encode_quorum(quorum, info.created)}
+        return {"quorum": protocol.encode_quorum(quorum, info.created, info.settings)}
 
     async def _decide_vote(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
         plan = self._plan

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lighthouse.history import DIRTY, reference
-from lighthouse.protocol import QuorumInfo
+from lighthouse.protocol import QuorumInfo, SettingsChange, settings_at
 from lighthouse.quorum import Member
 
 __all__ = ["DIRTY", "QuorumPlan", "members_by_id", "plan_quorum"]
@@ -55,6 +55,9 @@ class QuorumPlan:
     # Unique per quorum id and group rank, so process groups of different
     # quorums or group ranks never read each other's keys on the shared store.
     store_prefix: str
+    # Shared: the live settings (outer lr, momentum) in effect for this outer
+    # step, as the lighthouse handed them out; None: the script's own stand.
+    outer_settings: SettingsChange | None = None
 
 
 def members_by_id(quorum: QuorumInfo) -> dict[str, Member]:
@@ -150,4 +153,5 @@ def plan_quorum(
         # just (re)started, so its store is the likelier one to be serving.
         store_address=members[up_to_date[0]].store_address,
         store_prefix=f"ftdiloco/q{quorum.quorum_id}/g{group_rank}",
+        outer_settings=settings_at(quorum.settings, max_step),
     )

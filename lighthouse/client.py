@@ -297,6 +297,18 @@ class AsyncLighthouseClient:
         reply = await self._post("/v1/kill", protocol.encode_kill(replica_id, reason))
         return reply.get("known") is True
 
+    async def set_settings(
+        self, outer_lr: float | None = None, outer_momentum: float | None = None
+    ) -> dict[str, float]:
+        """Change the job's outer learning rate and/or momentum live; returns the values
+        pending, which every group applies from the step after the next quorum's."""
+        given = {"outer_lr": outer_lr, "outer_momentum": outer_momentum}
+        reply = await self._post(
+            "/v1/settings", protocol.pack({k: v for k, v in given.items() if v is not None})
+        )
+        pending = reply.get("pending")
+        return dict(pending) if isinstance(pending, dict) else {}
+
     async def shutdown(self) -> None:
         """Stop the first lighthouse that answers; waiting joins get 503 shutting_down."""
         await self._post("/v1/shutdown", protocol.pack({}), _nothing_sent)
@@ -685,6 +697,11 @@ class LighthouseClient:
 
     def kill(self, replica_id: str, reason: str = "") -> bool:
         return self._run(self._client.kill(replica_id, reason))
+
+    def set_settings(
+        self, outer_lr: float | None = None, outer_momentum: float | None = None
+    ) -> dict[str, float]:
+        return self._run(self._client.set_settings(outer_lr, outer_momentum))
 
     def shutdown(self) -> None:
         self._run(self._client.shutdown())

@@ -100,7 +100,12 @@ def authorize(request: web.Request, token: str | None) -> None:
 
 JSON = "application/json"
 # Set on a request whose JSON body was accepted as such (read_message).
-_JSON_BODY = "ftdiloco.json_body"
+# (aiohttp before 3.12 has no RequestKey; a plain string key works there.)
+_JSON_BODY: Any = (
+    web.RequestKey("ftdiloco.json_body", bool)
+    if hasattr(web, "RequestKey")
+    else "ftdiloco.json_body"
+)
 
 
 def _accepted(header: str) -> dict[str, float]:

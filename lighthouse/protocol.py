@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -261,12 +261,89 @@ def decode_join(body: bytes) -> JoinRequest:
     return JoinRequest(decode_member(message), timeout_ms / 1000)
 
 
-def encode_quorum(quorum: Quorum, created_unix: float) -> dict[str, Any]:
-    return {
+def encode_quorum(
+    quorum: Quorum, created_unix: float, settings: Sequence[SettingsChange] = ()
+) -> dict[str, Any]:
+    encoded: dict[str, Any] = {
         "quorum_id": quorum.quorum_id,
         "created": created_unix,
         "members": [encode_member(m) for m in quorum.members],
     }
+    if settings:
+        encoded["settings"] = {"changes": [change.encode() for change in settings]}
+    return encoded
+
+
+# -- live settings ----------------------------------------------------------------
+
+
+# A job's settings an operator may change while it runs, with what each may be.
+SETTINGS = ("outer_lr", "outer_momentum")
+# Changes one quorum carries at most (the one in effect and those decided after it).
+MAX_SETTINGS_CHANGES = 16
+
+
+@dataclass(frozen=True)
+class SettingsChange:
+    """The settings in effect from ``from_step`` on: an outer step taken by a quorum
+    at step ``from_step`` or later uses them (until a later change).
+
+    Values are complete (every setting ever given, the newest value of each);
+    None: never set, the training script's own value stands.
+    """
+
+    from_step: int
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
+
+    def encode(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"from_step": self.from_step}
+        for name in SETTINGS:
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        return fields
+
+
+def settings_values(message: Mapping[str, Any]) -> dict[str, float]:
+    """The settings a message gives (``outer_lr`` >= 0, ``outer_momentum`` in [0, 1)), checked."""
+    values: dict[str, float] = {}
+    for name in SETTINGS:
+        if name in message and message[name] is not None:
+            value = float(_field(message, name, float))
+            if not math.isfinite(value) or value < 0:
+                raise ProtocolError(f"field {name!r} must be a finite number >= 0, got {value}")
+            if name == "outer_momentum" and value >= 1:
+                raise ProtocolError(f"field 'outer_momentum' must be below 1, got {value}")
+            values[name] = value
+    return values
+
+
+def decode_settings_change(message: Mapping[str, Any]) -> SettingsChange:
+    values = settings_values(message)
+    return SettingsChange(_count(message, "from_step", 0), **values)
+
+
+def decode_settings(message: Mapping[str, Any]) -> tuple[SettingsChange, ...]:
+    """A quorum's ``settings`` map: its changes, ordered by ``from_step``."""
+    changes = _field(message, "changes", list, [])
+    if len(changes) > MAX_SETTINGS_CHANGES or not all(isinstance(c, dict) for c in changes):
+        raise ProtocolError(
+            f"field 'changes' must be a list of at most {MAX_SETTINGS_CHANGES} maps"
+        )
+    decoded = tuple(decode_settings_change(c) for c in changes)
+    steps = [c.from_step for c in decoded]
+    if steps != sorted(set(steps)):
+        raise ProtocolError("settings changes must have increasing 'from_step'")
+    return decoded
+
+
+def settings_at(changes: Sequence[SettingsChange], step: int) -> SettingsChange | None:
+    """The change in effect for an outer step taken at ``step``; None: none applies yet."""
+    current = None
+    for change in changes:
+        if change.from_step <= step:
+            current = change
+    return current
 
 
 @dataclass(frozen=True)
@@ -276,6 +353,8 @@ class QuorumInfo:
     quorum_id: int
     members: tuple[Member, ...]
     created: float
+    # Live settings (set-outer-lr): old lighthouses send none, old clients ignore them.
+    settings: tuple[SettingsChange, ...] = ()
 
     @property
     def replica_ids(self) -> tuple[str, ...]:
@@ -293,6 +372,7 @@ def decode_quorum(message: Mapping[str, Any]) -> QuorumInfo:
         quorum_id=_field(message, "quorum_id", int),
         members=tuple(decode_member(m) for m in members),
         created=created,
+        settings=decode_settings(_field(message, "settings", dict, {})),
     )
 
 

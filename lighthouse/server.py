@@ -42,6 +42,7 @@ from lighthouse.quorum import (
     QuorumCore,
     Update,
 )
+from lighthouse.settings import LiveSettings, quorum_step
 
 _log = structlog.get_logger()
 
@@ -276,6 +277,7 @@ class LighthouseServer:
         self._dashboard = b""
         self._lease = Lease(self.config.lease) if self.config.lease is not None else None
         self._lease_task: asyncio.Task[None] | None = None
+        self.settings = LiveSettings()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -305,6 +307,7 @@ class LighthouseServer:
         app.router.add_get("/v1/ws", self._websocket)
         app.router.add_post("/v1/kill", self._kill)
         app.router.add_post("/v1/shutdown", self._shutdown)
+        app.router.add_post("/v1/settings", self._set_settings)
         app.router.add_get("/status", self._status)
         app.router.add_get("/", self._dashboard_page)
         app.router.add_get("/metrics", self._metrics_page)
@@ -427,7 +430,8 @@ class LighthouseServer:
         """Hand the quorum to every member's waiting join and WebSocket, encoded once."""
         self._formed_unix = time.time() - (self._loop.time() - quorum.created)
         try:
-            encoded = protocol.encode_quorum(quorum, self._formed_unix)
+            changes = self.settings.for_quorum(quorum_step(quorum))
+            encoded = protocol.encode_quorum(quorum, self._formed_unix, changes)
             answer = protocol.pack({"quorum": encoded, "lease": self._lease is not None})
             event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
         except Exception as e:
@@ -689,6 +693,30 @@ class LighthouseServer:
         self.request_stop()
         return guard.reply(request, {"ok": True})
 
+    async def _set_settings(self, request: web.Request) -> web.Response:
+        """``POST /v1/settings`` {"outer_lr": x, "outer_momentum": y}: a live change.
+
+        It applies from the step after the next quorum's, on every group at once.
+        """
+        self._authorize(request)
+        self._refuse_if_standby()
+        message = await guard.read_message(request, self.config.max_body_bytes)
+        values = protocol.settings_values(message)
+        if not values:
+            raise _HttpError(
+                400, "bad_request", f"give at least one of {', '.join(protocol.SETTINGS)}"
+            )
+        pending = self.settings.request(values)
+        _log.warning("settings changed by operator", peer=request.remote, **pending)
+        return guard.reply(
+            request,
+            {
+                "ok": True,
+                "pending": pending,
+                "applies": "from the step after the next quorum's, on every group",
+            },
+        )
+
     # -- read-only pages ----------------------------------------------------------------
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -757,6 +785,7 @@ class LighthouseServer:
                 for d in self.core.discards()
             ],
             "connections": {"open": self._open, "limit": self.config.max_connections},
+            "settings": self.settings.status(),
             "config": self.config.public(),
         }
 

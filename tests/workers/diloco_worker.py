@@ -4,7 +4,7 @@ Configured like any training script (torchrun's variables, REPLICA_GROUP_ID,
 FTDILOCO_*), plus test-only knobs, each injecting exactly the fault it names:
   WORKER_LOG       JSONL file: one record per outer step (step, committed,
                    participants, hash of the global weights and outer state,
-                   pid, incarnation, history)
+                   pid, incarnation, history, outer_lr, outer_momentum)
   WORKER_STEPS     stop after this many committed outer steps
   WORKER_RESUME    first resume from FTDILOCO_CHECKPOINT_DIR and print
                    "RESUMED <step> <hash> <params equal backup>" (step -1: none);
@@ -224,6 +224,9 @@ def main() -> None:
             "healed": report.healed,
             "bytes_sent": report.bytes_sent,
             "fragment": report.fragment,
+            # The outer optimizer's settings after this step (set-outer-lr changes them).
+            "outer_lr": outer.param_groups[0]["lr"],
+            "outer_momentum": outer.param_groups[0]["momentum"],
             "time": time.time(),
         }
         out.write(json.dumps(record, default=str) + "\n")
