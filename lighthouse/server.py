@@ -20,6 +20,7 @@ import importlib.resources
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -58,6 +59,10 @@ _WS_CLOSE_TIMEOUT = 2.0
 _SHUTDOWN_TIMEOUT = 5.0
 # A WebSocket close reason must fit in one control frame (125 bytes with the code).
 _CLOSE_REASON_BYTES = 120
+# What /status keeps for the dashboard: the latest events (evictions, restarts,
+# heals, discarded history, operator actions) and each quorum's member steps.
+_EVENTS = 200
+_STEP_POINTS = 600
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -278,6 +283,10 @@ class LighthouseServer:
         self._lease = Lease(self.config.lease) if self.config.lease is not None else None
         self._lease_task: asyncio.Task[None] | None = None
         self.settings = LiveSettings()
+        self._events: deque[dict[str, Any]] = deque(maxlen=_EVENTS)
+        self._step_history: deque[dict[str, Any]] = deque(maxlen=_STEP_POINTS)
+        # The incarnation each replica last took part in a quorum with.
+        self._incarnations: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -408,6 +417,7 @@ class LighthouseServer:
             discard = update.discarded
             self._metrics.discarded.inc(discard.last_step - discard.first_step + 1)
             _log.warning("history abandoned", detail=discard.describe())
+            self._event("discarded", discard.describe(), replica_ids=list(discard.replica_ids))
         self._schedule(update)
         return update
 
@@ -416,6 +426,7 @@ class LighthouseServer:
         rid, cause = eviction.replica_id, eviction.cause.value
         self._metrics.evictions.labels(cause).inc()
         _log.info("replica evicted", replica=rid, cause=cause, in_quorum=eviction.in_quorum)
+        self._event("eviction", f"{rid} evicted: {cause}", replica_id=rid, cause=cause)
         if rid in self._waiters:
             # Its join no longer counts; without an answer it would wait out its
             # timeout while the others form quorums without it.
@@ -430,7 +441,8 @@ class LighthouseServer:
         """Hand the quorum to every member's waiting join and WebSocket, encoded once."""
         self._formed_unix = time.time() - (self._loop.time() - quorum.created)
         try:
-            changes = self.settings.for_quorum(quorum_step(quorum))
+            step = quorum_step(quorum)
+            changes = self.settings.for_quorum(step)
             encoded = protocol.encode_quorum(quorum, self._formed_unix, changes)
             answer = protocol.pack({"quorum": encoded, "lease": self._lease is not None})
             event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
@@ -456,11 +468,38 @@ class LighthouseServer:
             self._metrics.latency.observe(self._loop.time() - last_arrival)
         self._metrics.quorums.inc()
         self._metrics.quorum_size.set(len(quorum.replica_ids))
+        self._quorum_events(quorum, step)
         _log.info(
             "quorum formed",
             quorum_id=quorum.quorum_id,
             members=list(quorum.replica_ids),
             reason=reason,
+        )
+
+    def _event(self, kind: str, text: str, **fields: Any) -> None:
+        """One entry of the dashboard's timeline (bounded: the oldest go first)."""
+        self._events.append({"time": time.time(), "kind": kind, "text": text, **fields})
+
+    def _quorum_events(self, quorum: Quorum, step: int) -> None:
+        """Restarts and heals a quorum shows, and its members' steps for the chart."""
+        for m in quorum.members:
+            before = self._incarnations.get(m.replica_id)
+            if before is not None and m.incarnation and before != m.incarnation:
+                self._event(
+                    "restart",
+                    f"{m.replica_id} restarted and rejoined at step {m.step}",
+                    replica_id=m.replica_id,
+                )
+            if m.incarnation:
+                self._incarnations[m.replica_id] = m.incarnation
+            if m.step < step:
+                self._event(
+                    "heal",
+                    f"{m.replica_id} heals from step {m.step} to step {step}",
+                    replica_id=m.replica_id,
+                )
+        self._step_history.append(
+            {"time": self._formed_unix, "steps": {m.replica_id: m.step for m in quorum.members}}
         )
 
     def _schedule(self, update: Update) -> None:
@@ -605,6 +644,9 @@ class LighthouseServer:
         self._metrics.fences.labels("true" if fence.commit else "false").inc()
         if not fence.commit:
             _log.warning("commit refused", replica=rid, quorum_id=quorum_id, reason=fence.reason)
+            self._event(
+                "rollback", f"{rid} may not commit: {fence.reason}", replica_id=rid, step=step
+            )
         # A fence may have expired silent replicas: keep the timer right.
         self._drive(self.core.tick)
         return _msgpack(protocol.encode_fence_answer(fence))
@@ -683,6 +725,9 @@ class LighthouseServer:
             conn.push(protocol.pack({"type": "kill", "reason": reason}))
         update = self._drive(lambda now: self.core.lost(rid, now, EvictionCause.KILLED))
         _log.warning("replica killed by operator", replica=rid, reason=reason, peer=request.remote)
+        self._event(
+            "kill", f"{rid} killed by operator: {reason or 'no reason given'}", replica_id=rid
+        )
         known = bool(update.evicted) or conn is not None
         return guard.reply(request, {"ok": True, "known": known})
 
@@ -690,6 +735,7 @@ class LighthouseServer:
         self._authorize(request)
         await guard.read_message(request, self.config.max_body_bytes)
         _log.warning("shutdown requested", peer=request.remote)
+        self._event("shutdown", "shutdown requested by operator")
         self.request_stop()
         return guard.reply(request, {"ok": True})
 
@@ -708,6 +754,10 @@ class LighthouseServer:
             )
         pending = self.settings.request(values)
         _log.warning("settings changed by operator", peer=request.remote, **pending)
+        shown = ", ".join(f"{k} {v:g}" for k, v in sorted(pending.items()))
+        self._event(
+            "settings", f"settings changed: {shown} (from the step after the next quorum's)"
+        )
         return guard.reply(
             request,
             {
@@ -786,6 +836,8 @@ class LighthouseServer:
             ],
             "connections": {"open": self._open, "limit": self.config.max_connections},
             "settings": self.settings.status(),
+            "events": list(self._events),
+            "step_history": list(self._step_history),
             "config": self.config.public(),
         }
 
