@@ -283,6 +283,7 @@ class LighthouseServer:
         self._lease = Lease(self.config.lease) if self.config.lease is not None else None
         self._lease_task: asyncio.Task[None] | None = None
         self.settings = LiveSettings()
+        self._joining: str | None = None  # the replica whose join the core is handling
         self._events: deque[dict[str, Any]] = deque(maxlen=_EVENTS)
         self._step_history: deque[dict[str, Any]] = deque(maxlen=_STEP_POINTS)
         # The incarnation each replica last took part in a quorum with.
@@ -427,7 +428,8 @@ class LighthouseServer:
         self._metrics.evictions.labels(cause).inc()
         _log.info("replica evicted", replica=rid, cause=cause, in_quorum=eviction.in_quorum)
         self._event("eviction", f"{rid} evicted: {cause}", replica_id=rid, cause=cause)
-        if rid in self._waiters:
+        replaced = eviction.cause is EvictionCause.RESTARTED and rid == self._joining
+        if rid in self._waiters and not replaced:
             # Its join no longer counts; without an answer it would wait out its
             # timeout while the others form quorums without it.
             message = f"replica {rid} was evicted while waiting ({cause}); join again"
@@ -599,7 +601,13 @@ class LighthouseServer:
             )
         future: asyncio.Future[bytes | _HttpError] = self._loop.create_future()
         self._waiters[rid] = _Waiter(future, arrived)
-        self._drive(lambda now: self.core.join(member, now))
+        # A join from a new incarnation evicts the old one (RESTARTED) in this
+        # very call: that eviction must not answer this join's own waiter.
+        self._joining = rid
+        try:
+            self._drive(lambda now: self.core.join(member, now))
+        finally:
+            self._joining = None
         try:
             await asyncio.wait((future,), timeout=timeout)
         finally:
