@@ -1,127 +1,36 @@
-"""Run a whole job on this machine, and break it on purpose.
-
-:func:`launch` starts a lighthouse and ``groups`` replica groups (each a
-``torchrun`` of the training script), streams their output with a
-``[name]`` prefix, and keeps a one-line status at the bottom of a terminal.
-With ``kill_every`` it SIGKILLs a random group every so many seconds and
-starts it again under the same ``REPLICA_GROUP_ID``, so a user can watch the
-survivors carry on and the restarted group heal.  At the end it prints what
-happened: outer steps committed and rolled back per group, failures
-survived, how long each recovery took, and the final loss.
-
-Every child is started in a session of its own (``start_new_session``), so
-no terminal signal reaches it behind the launcher's back.  A kill or a stop
-reaches the child, its process group and every process below it (torchrun
-puts each worker in a session of its own) by PID; nothing else is touched.
-
-:func:`serve_lighthouse` is the lighthouse for a batch scheduler (the torchx
-component's lighthouse role): the plain daemon runs until it is stopped, so
-a job with a lighthouse role would never finish; this one stops it once
-every group has connected and then left.
-
-This module is for people at a terminal: it prints.  The library's own
-structured logs stay in the children, and are shown compactly here.
-"""
+"""Run a whole job on this machine, and break it on purpose (``ftdiloco launch``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
-import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import aiohttp
 
-from lighthouse.client import LighthouseClient, LighthouseError
-
-__all__ = [
-    "LaunchOptions",
-    "launch",
-    "parse_done_line",
-    "parse_step_line",
-    "serve_lighthouse",
-]
-
-# The lines the example script prints; any script that prints them gets a summary.
-#   outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | committed
-#   done | 20 outer steps committed, 1 rolled back | ... | final loss 2.101
-_STEP = re.compile(
-    r"outer step (?P<step>\d+) \| loss (?P<loss>\S+) \|.*\| (?P<outcome>committed|rolled back)"
-    r"(?P<healed> \| healed)?"
-)
-_DONE = re.compile(r"^done \|.*final loss (?P<loss>\S+)")
-# Held-out loss, in a step line (`| eval 2.401 |`) and in the done line (`| final eval 2.399`).
-_EVAL = re.compile(r"\| (?:final )?eval (?P<eval>[^\s|]+)")
-_LISTENING = "lighthouse listening on "
+from ftdiloco.launch.processes import Child
+from ftdiloco.launch.record import Record, json_float
+from ftdiloco.launch.step_lines import LISTENING, parse_done_line, parse_eval, parse_step_line
+from ftdiloco.launch.terminal import _Output, compact_log
 
 # The launcher's exit code when its output was closed: 128 + SIGPIPE, as a shell reports it.
 EXIT_OUTPUT_CLOSED = 141
 
 # `ftdiloco launch`'s default training script (`torchrun -m` runs it).
 EXAMPLE_MODULE = "ftdiloco.examples.train_diloco"
-
-# A stopped child gets this long to exit after SIGTERM before its process
-# group is SIGKILLed.
-STOP_GRACE_S = 5.0
 STATUS_POLL_S = 1.0
 # How long to wait between checks when a kill is due but no group is a fair victim.
 _KILL_RETRY_S = 0.5
-
-
-@dataclass(frozen=True)
-class StepLine:
-    step: int
-    loss: float
-    committed: bool
-    healed: bool
-    eval_loss: float | None = None  # held-out loss, on steps that evaluate
-
-
-def parse_step_line(line: str) -> StepLine | None:
-    """The outer-step line of the training script, or None for any other line."""
-    m = _STEP.search(line)
-    if m is None:
-        return None
-    return StepLine(
-        step=int(m["step"]),
-        loss=_float(m["loss"]),
-        committed=m["outcome"] == "committed",
-        healed=m["healed"] is not None,
-        eval_loss=parse_eval(line),
-    )
-
-
-def parse_eval(line: str) -> float | None:
-    """The held-out loss in a step or done line, if it has one."""
-    m = _EVAL.search(line)
-    return None if m is None else _float(m["eval"])
-
-
-def parse_done_line(line: str) -> float | None:
-    """The final loss from the script's ``done | ...`` line, or None for any other line."""
-    m = _DONE.search(line.strip())
-    return None if m is None else _float(m["loss"])
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
 
 
 @dataclass(frozen=True)
@@ -193,112 +102,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# -- the children -----------------------------------------------------------------------
-
-
-# -- process trees -------------------------------------------------------------------
-#
-# torchrun starts every worker in a session of its own, so the process group
-# of a torchrun does not hold its workers: killing that group orphans them and
-# they train on.  The launcher therefore finds a child's whole tree (Linux
-# /proc; elsewhere only the process group is reached) and signals every
-# process in it by PID, checking each PID's start time so that a PID reused
-# since the walk is never hit.
-
-ProcessId = tuple[int, int]  # (pid, start time in clock ticks since boot)
-
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of a live, non-zombie process; None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = text[text.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def process_tree(root: int) -> list[ProcessId]:
-    """``root`` and every descendant alive now, parents first."""
-    me = _stat(root)
-    if me is None:
-        return []
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = _stat(int(entry))
-                if stat is not None:
-                    children.setdefault(stat[0], []).append(int(entry))
-    tree, todo = [(root, me[1])], [root]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            stat = _stat(pid)
-            if stat is not None:
-                tree.append((pid, stat[1]))
-                todo.append(pid)
-    return tree
-
-
-def alive(process: ProcessId) -> bool:
-    stat = _stat(process[0])
-    return stat is not None and stat[1] == process[1]
-
-
-def signal_processes(processes: Sequence[ProcessId], sig: signal.Signals) -> None:
-    for process in processes:
-        if alive(process):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(process[0], sig)
-
-
-class Child:
-    """One process we started, in a session of its own (its process group id is its pid)."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.proc = proc
-        self.pid = proc.pid
-        stat = _stat(proc.pid)
-        # Who this pid is: once it is gone and reaped, the number may be reused.
-        self.identity: ProcessId | None = None if stat is None else (proc.pid, stat[1])
-        self.started = time.monotonic()
-        self.killed = False  # by the launcher, on purpose: restart, don't fail
-        self.stopping = False  # by the launcher, at the end
-        self.watcher: asyncio.Task[None] | None = None
-
-    def kill(self) -> None:
-        """SIGKILL this process, its process group and every descendant, at once."""
-        if self.identity is not None and alive(self.identity):
-            # Frozen, it cannot start a worker while we look for its workers.
-            signal_processes([self.identity], signal.SIGSTOP)
-            signal_processes(process_tree(self.pid)[1:], signal.SIGKILL)
-            signal_processes([self.identity], signal.SIGKILL)
-        self._kill_group()
-
-    def _kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-    async def stop(self) -> int:
-        """SIGTERM, a grace period to exit, then SIGKILL for whatever is left of the tree."""
-        self.stopping = True
-        # Walked before it exits: afterwards its orphans are no longer below it.
-        tree = process_tree(self.pid) if self.identity and alive(self.identity) else []
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), STOP_GRACE_S)
-        self.kill()  # what is still below it, if it is still there
-        signal_processes(tree, signal.SIGKILL)  # what it left behind
-        return await self.proc.wait()
-
-
 @dataclass
 class Kill:
     group: int
@@ -347,92 +150,6 @@ class Group:
         if len(times) < 2:
             return None
         return (times[-1] - times[0]) / (len(times) - 1)
-
-
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def printable(text: str) -> str:
-    """A child's line as one line: what a carriage return would have left, no escapes.
-
-    A child's own progress line (``\\r`` and an erase) must not move our
-    cursor, or it would overwrite the status line or the line above.
-    """
-    kept = text.rstrip("\r").rsplit("\r", 1)[-1]
-    return _CONTROL.sub("", kept)
-
-
-class _Output:
-    """Prefixed lines above a live status line (only on a terminal).
-
-    Every write survives a closed stream (``| head`` that exited, ``| tee``
-    killed by the same Ctrl-C): the first failure calls ``on_closed`` once and
-    later output is dropped, never raised into the launcher.
-    """
-
-    def __init__(self, stream: TextIO, live: bool) -> None:
-        self.stream = stream
-        self.live = live
-        self.status = ""
-        self.closed = False
-        self.on_closed: Callable[[], None] | None = None
-
-    def line(self, prefix: str, text: str) -> None:
-        self._write(f"{self._clear()}[{prefix}] {printable(text)}\n{self._draw()}")
-
-    def plain(self, text: str) -> None:
-        self._write(f"{self._clear()}{text}\n{self._draw()}")
-
-    def set_status(self, text: str) -> None:
-        if not self.live:
-            return
-        width = shutil.get_terminal_size((100, 20)).columns - 1
-        clear = self._clear()
-        self.status = text[:width]
-        self._write(clear + self._draw())
-
-    def finish(self) -> None:
-        clear = self._clear()
-        self.status = ""
-        self._write(clear)
-
-    def _clear(self) -> str:
-        return "\r\x1b[K" if self.live and self.status else ""
-
-    def _draw(self) -> str:
-        return self.status if self.live else ""
-
-    def _write(self, text: str) -> None:
-        if self.closed:
-            return
-        try:
-            # One write per call: a status line is never left half drawn.
-            self.stream.write(text)
-            self.stream.flush()
-        except (BrokenPipeError, ConnectionResetError, ValueError):
-            self.closed = True
-            if self.on_closed is not None:
-                self.on_closed()
-
-
-def compact_log(line: str, verbose: bool) -> str | None:
-    """A library JSON log line, shortened; None to hide it; other lines unchanged."""
-    text = line.rstrip("\n")
-    if not text.startswith("{"):
-        return text
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return text
-    if not isinstance(record, dict) or "event" not in record:
-        return text
-    level = str(record.pop("level", "info"))
-    if not verbose and level not in ("warning", "error", "critical", "exception"):
-        return None
-    event = record.pop("event")
-    record.pop("timestamp", None)
-    fields = " ".join(f"{k}={v}" for k, v in record.items())
-    return f"{level}: {event}" + (f" | {fields}" if fields else "")
 
 
 # -- the launcher -------------------------------------------------------------------
@@ -602,8 +319,8 @@ class _Launcher:
         assert child.proc.stdout is not None
         async for raw in child.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith(_LISTENING) and not listening.done():
-                listening.set_result(line[len(_LISTENING) :].strip())
+            if line.startswith(LISTENING) and not listening.done():
+                listening.set_result(line[len(LISTENING) :].strip())
             self._show(child, line)
         code = await child.proc.wait()
         if not listening.done():
@@ -669,8 +386,8 @@ class _Launcher:
                         "group": group.index,
                         "start": group.starts,
                         "step": step.step,
-                        "loss": _json_float(step.loss),
-                        "eval_loss": _json_float(step.eval_loss),
+                        "loss": json_float(step.loss),
+                        "eval_loss": json_float(step.eval_loss),
                         "committed": step.committed,
                         "healed": step.healed,
                     }
@@ -914,8 +631,8 @@ class _Launcher:
                     "committed": g.committed,
                     "rolled_back": g.rolled_back,
                     "step": g.step,
-                    "final_loss": _json_float(g.loss),
-                    "eval_loss": _json_float(g.eval_loss),
+                    "final_loss": json_float(g.loss),
+                    "eval_loss": json_float(g.eval_loss),
                     "finished": g.finished,
                 }
                 for g in self.groups
@@ -950,97 +667,6 @@ def _fmt_loss(loss: float) -> str:
     return "-" if math.isnan(loss) else f"{loss:.3f}"
 
 
-def _json_float(value: float | None) -> float | None:
-    """JSON has no NaN: a missing number is null."""
-    return None if value is None or math.isnan(value) else value
-
-
-class Record:
-    """What ``--out DIR`` keeps: every child's log, steps.jsonl, events.jsonl, summary, plots."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        os.makedirs(root, exist_ok=True)
-        self._logs: dict[str, TextIO] = {}
-        self._steps = open(os.path.join(root, "steps.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
-        self._events = open(os.path.join(root, "events.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
-        self.steps: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
-
-    def log(self, name: str, line: str) -> None:
-        stream = self._logs.get(name)
-        if stream is None:
-            path = os.path.join(self.root, f"{name}.log")
-            stream = self._logs[name] = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        stream.write(line + "\n")
-        stream.flush()
-
-    def step(self, record: dict[str, Any]) -> None:
-        self.steps.append(record)
-        self._steps.write(json.dumps(record) + "\n")
-        self._steps.flush()
-
-    def event(self, t: float, kind: str, **fields: Any) -> None:
-        record = {"t": t, "event": kind, **fields}
-        self.events.append(record)
-        self._events.write(json.dumps(record) + "\n")
-        self._events.flush()
-
-    def close(self) -> None:
-        for stream in [*self._logs.values(), self._steps, self._events]:
-            stream.close()
-
-    def write_summary(self, document: dict[str, Any]) -> None:
-        with open(os.path.join(self.root, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-
-    def plot(self) -> str | None:
-        """loss.png; a one-line reason instead when it cannot be drawn."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return (
-                "--out: no plots (matplotlib is not installed: pip install 'ftdiloco[sim]'); "
-                "the JSONL and the summary are there"
-            )
-        figure, axes = plt.subplots(figsize=(9, 5))
-        groups = sorted({r["group"] for r in self.steps})
-        for index in groups:
-            mine = [r for r in self.steps if r["group"] == index and r["loss"] is not None]
-            (line,) = axes.plot(
-                [r["t"] for r in mine], [r["loss"] for r in mine], label=f"group{index} train"
-            )
-            evals = [r for r in mine if r["eval_loss"] is not None]
-            if evals:
-                axes.plot(
-                    [r["t"] for r in evals],
-                    [r["eval_loss"] for r in evals],
-                    "o--",
-                    color=line.get_color(),
-                    markersize=3,
-                    label=f"group{index} held-out",
-                )
-        for i, e in enumerate(x for x in self.events if x["event"] == "kill"):
-            axes.axvline(e["t"], color="red", linestyle=":", label="kill" if i == 0 else None)
-        for i, e in enumerate(x for x in self.events if x["event"] == "recovered"):
-            axes.axvline(
-                e["t"], color="green", linestyle="--", label="recovered" if i == 0 else None
-            )
-        axes.set_xlabel("seconds since launch")
-        axes.set_ylabel("loss")
-        axes.set_title("ftdiloco launch: loss per group (kills and recoveries marked)")
-        if groups:
-            axes.legend(fontsize="small")
-        figure.tight_layout()
-        figure.savefig(os.path.join(self.root, "loss.png"), dpi=100)
-        plt.close(figure)
-        return None
-
-
 def launch(options: LaunchOptions, out: TextIO | None = None) -> int:
     """Run the job to the end; the exit code.
 
@@ -1056,129 +682,3 @@ def launch(options: LaunchOptions, out: TextIO | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
     return code
-
-
-# -- the lighthouse of a batch job ----------------------------------------------------
-
-
-def serve_lighthouse(
-    lighthouse_args: Sequence[str],
-    groups: int,
-    idle_exit: float,
-    poll: float = 0.5,
-    log_file: str | None = None,
-) -> int:
-    """Run the lighthouse until every one of ``groups`` has connected and then left.
-
-    "Left" means no replica connected and none waiting to join for
-    ``idle_exit`` seconds, long enough for a crashed group to be restarted.
-    With ``log_file``, the daemon's stdout and stderr are also appended there.
-    Returns the daemon's exit code (0 after a clean stop).
-    """
-    copy: TextIO | None = None
-    if log_file is not None:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-            copy = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 -- closed below
-        except OSError as e:
-            print(f"ftdiloco lighthouse: cannot write --log-file {log_file}: {e}", file=sys.stderr)
-            return 2
-    try:
-        return _serve_lighthouse(lighthouse_args, groups, idle_exit, poll, copy)
-    finally:
-        if copy is not None:
-            copy.close()
-
-
-def _serve_lighthouse(
-    lighthouse_args: Sequence[str],
-    groups: int,
-    idle_exit: float,
-    poll: float,
-    copy: TextIO | None,
-) -> int:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lighthouse.cli", *lighthouse_args],
-        stdout=subprocess.PIPE,
-        # Into the log file too, when there is one; else straight to ours.
-        stderr=subprocess.STDOUT if copy is not None else None,
-        text=True,
-    )
-    assert proc.stdout is not None
-    url = None
-    for line in proc.stdout:
-        _emit(line, copy)
-        if line.startswith(_LISTENING):
-            url = line[len(_LISTENING) :].strip()
-            break
-    if url is None:
-        return proc.wait()
-    forwarder = threading.Thread(target=_forward, args=(proc.stdout, copy), daemon=True)
-    forwarder.start()
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    seen: set[str] = set()
-    idle_since: float | None = None
-    try:
-        with LighthouseClient(url, connect_timeout=2, retry_deadline=1) as client:
-            while not stop.is_set() and proc.poll() is None:
-                try:
-                    status = client.status()
-                except LighthouseError:
-                    stop.wait(poll)
-                    continue
-                replicas = status.get("replicas", [])
-                connected = {r["replica_id"] for r in replicas if r.get("connected")}
-                # Polled, so a group is noticed if it stays longer than a poll; a
-                # training group stays connected for its whole run.
-                for replica_id in sorted({r["replica_id"] for r in replicas} - seen):
-                    seen.add(replica_id)
-                    note = f"ftdiloco: saw {replica_id} ({len(seen)} of {groups} groups)"
-                    if copy is not None:
-                        copy.write(note + "\n")
-                    print(note, file=sys.stderr, flush=True)
-                busy = bool(connected or status.get("joiners"))
-                if busy or len(seen) < groups:
-                    idle_since = None
-                elif idle_since is None:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since >= idle_exit:
-                    message = f"ftdiloco: all {groups} groups came and went; stopping"
-                    message += " the lighthouse"
-                    if copy is not None:
-                        copy.write(message + "\n")
-                    print(message, file=sys.stderr, flush=True)
-                    break
-                stop.wait(poll)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-    # The daemon has exited: its pipe ends, and the last lines reach the log file.
-    forwarder.join(timeout=5)
-    return code
-
-
-def _emit(line: str, copy: TextIO | None) -> None:
-    if copy is not None:
-        copy.write(line)
-        copy.flush()
-    with contextlib.suppress(BrokenPipeError, ValueError):
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-
-def _forward(stream: TextIO, copy: TextIO | None) -> None:
-    for line in stream:
-        _emit(line, copy)
