@@ -327,7 +327,10 @@ def lighthouse_and_token(
 def _client(address: str, timeout: float, token: str | None) -> LighthouseClient:
     from lighthouse.client import LighthouseClient
 
-    return LighthouseClient(address, token, connect_timeout=timeout, retry_deadline=timeout)
+    # Quiet: each command prints its own one line.
+    return LighthouseClient(
+        address, token, connect_timeout=timeout, retry_deadline=timeout, say_waiting=False
+    )
 
 
 def kill(

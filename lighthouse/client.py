@@ -199,6 +199,8 @@ class AsyncLighthouseClient:
     address is tried.  ``retry_deadline`` bounds the retries of a short request
     and of a liveness link's first connection; a join retries within its own
     timeout instead, since its caller already said how long it will wait.
+    ``say_waiting``: while retrying, print "waiting for lighthouse ..." on
+    stderr every few seconds (a command that prints its own one line says no).
     """
 
     def __init__(
@@ -208,10 +210,12 @@ class AsyncLighthouseClient:
         *,
         connect_timeout: float = 5.0,
         retry_deadline: float = 30.0,
+        say_waiting: bool = True,
     ) -> None:
         self.addresses = _normalize(addresses)
         self.connect_timeout = connect_timeout
         self.retry_deadline = retry_deadline
+        self.say_waiting = say_waiting
         self._headers = {protocol.TOKEN_HEADER: f"Bearer {token}"} if token else {}
         # Index of the address that last worked; requests start there.
         self._current = 0
@@ -419,7 +423,7 @@ class AsyncLighthouseClient:
             stop=stop,
             wait=wait,
             retry=retry_if_exception(lambda e: isinstance(e, _Failover) and retry_on(e.cause)),
-            before_sleep=_Waiting(what, deadline),
+            before_sleep=_Waiting(what, deadline, self.say_waiting),
             reraise=True,
         )
         try:
@@ -449,9 +453,10 @@ class _Waiting:
     structured warning per retry; each retry is still logged at debug level.
     """
 
-    def __init__(self, what: str, deadline: float | None) -> None:
+    def __init__(self, what: str, deadline: float | None, say: bool = True) -> None:
         self.what = what
         self.deadline = deadline
+        self.say = say
         self._said_at: float | None = None
 
     def __call__(self, state: RetryCallState) -> None:
@@ -465,19 +470,23 @@ class _Waiting:
             cause=_describe(failure.cause),
             retry_in_s=round(state.upcoming_sleep, 3),
         )
-        if not failure.move_on:
-            return  # the lighthouse answered and asked for this retry (evicted: join again)
+        if not self.say or not failure.move_on:
+            return  # quiet, or the lighthouse answered and asked for this retry (evicted)
         elapsed = state.seconds_since_start or 0.0
         if self._said_at is not None and elapsed - self._said_at < WAITING_REPORT_EVERY_S:
             return
         self._said_at = elapsed
-        of = f" of {self.deadline:.0f} s" if self.deadline is not None else ""
+        of = f" of {_seconds(self.deadline)} s" if self.deadline is not None else ""
         print(
             f"waiting for lighthouse {failure.address}: {_reason(failure.cause)}"
             f" ({elapsed:.0f} s{of})",
             file=sys.stderr,
             flush=True,
         )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
 
 
 def _reason(cause: BaseException) -> str:
@@ -665,11 +674,16 @@ class LighthouseClient:
         connect_timeout: float = 5.0,
         retry_deadline: float = 30.0,
         background: BackgroundLoop | None = None,
+        say_waiting: bool = True,
     ) -> None:
         self._owns_loop = background is None
         self._background = background or BackgroundLoop("lighthouse-client")
         self._client = AsyncLighthouseClient(
-            addresses, token, connect_timeout=connect_timeout, retry_deadline=retry_deadline
+            addresses,
+            token,
+            connect_timeout=connect_timeout,
+            retry_deadline=retry_deadline,
+            say_waiting=say_waiting,
         )
         self._link: LivenessLink | None = None
         self._closed = False
