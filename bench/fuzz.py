@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
 from lighthouse import guard, protocol  # noqa: E402
+from lighthouse.cli import listening_url  # noqa: E402
 from lighthouse.quorum import Member  # noqa: E402
 
 TOKEN = "bench-fuzz-token"
@@ -312,8 +313,7 @@ async def run(quick: bool) -> dict[str, Any]:
             line = lh.stdout.readline()
             if not line:
                 raise RuntimeError("the lighthouse exited before listening")
-            if "listening on" in line:
-                lighthouse = line.strip().rsplit(" ", 1)[-1]
+            lighthouse = listening_url(line) or ""
         grp = start([str(Path(__file__)), "--serve-group"])
         procs.append(grp)
         assert grp.stdout is not None

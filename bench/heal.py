@@ -90,6 +90,7 @@ sys.path.insert(0, str(ROOT))
 from bench._common import Row, parser, print_table, write_json  # noqa: E402
 from bench._heal_worker import FIRST_OPTIMIZER, IMPORTS  # noqa: E402
 from ftdiloco.transport import StateServer, fetch_state  # noqa: E402
+from lighthouse.cli import listening_url  # noqa: E402
 
 GOAL_GBPS = 1.5
 LAYERS = 16
@@ -484,8 +485,9 @@ class _Run:
 
         def listening() -> dict[str, Any] | None:
             for line in lighthouse.output.read_text(errors="replace").splitlines():
-                if line.startswith("lighthouse listening on"):
-                    return {"url": line.strip().rsplit(" ", 1)[-1]}
+                url = listening_url(line)
+                if url is not None:
+                    return {"url": url}
             return None
 
         self.url = str(_wait_until("the lighthouse", listening, [lighthouse], 30)["url"])

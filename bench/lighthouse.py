@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
 from lighthouse import protocol  # noqa: E402
+from lighthouse.cli import listening_url  # noqa: E402
 from lighthouse.quorum import Member  # noqa: E402
 
 GOAL_P50_2_MS = 1.0
@@ -186,12 +187,12 @@ def daemon(
             _pin(proc.pid, cpus)
             assert proc.stdout is not None
             line = _read_line(proc.stdout, 30.0)
-            prefix = "lighthouse listening on "
-            if not line.startswith(prefix):
+            url = listening_url(line)
+            if url is None:
                 log.seek(0)
                 tail = log.read()[-2000:].decode(errors="replace")
                 raise RuntimeError(f"lighthouse did not start: {line!r}\n{tail}")
-            yield Daemon(proc.pid, line.removeprefix(prefix).strip())
+            yield Daemon(proc.pid, url)
         finally:
             _end(proc)
 

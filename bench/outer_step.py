@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
+from lighthouse.cli import listening_url  # noqa: E402
 
 WORKER = str(ROOT / "bench" / "_outer_worker.py")
 GOAL_RATIO = 1.02
@@ -150,9 +151,10 @@ def start_lighthouse(procs: list[Proc], *flags: str) -> str:
         line = proc.first_line.get(timeout=30)
     except queue.Empty:
         raise TimeoutError(f"lighthouse did not start\n{proc.tail()}") from None
-    if "lighthouse listening on" not in line:
+    url = listening_url(line)
+    if url is None:
         raise RuntimeError(f"unexpected lighthouse output {line!r}\n{proc.tail()}")
-    return line.strip().rsplit(" ", 1)[-1]
+    return url
 
 
 def free_port() -> int:

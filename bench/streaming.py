@@ -90,6 +90,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, print_table, write_json  # noqa: E402
+from lighthouse.cli import listening_url  # noqa: E402
 
 WORKER = str(ROOT / "bench" / "_streaming_worker.py")
 FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
@@ -191,9 +192,10 @@ def start_lighthouse(procs: list[Proc]) -> str:
         line = proc.plain.get(timeout=30)
     except queue.Empty:
         raise TimeoutError(f"the lighthouse did not start\n{proc.tail()}") from None
-    if "lighthouse listening on" not in line:
+    url = listening_url(line)
+    if url is None:
         raise RuntimeError(f"unexpected lighthouse output {line!r}\n{proc.tail()}")
-    return line.strip().rsplit(" ", 1)[-1]
+    return url
 
 
 def run_all(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -158,9 +158,18 @@ async def _serve(server: LighthouseServer, host: str, port: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.request_stop)
     # Only now: a script that signals us as soon as it reads the URL gets a clean stop.
-    print(f"lighthouse listening on {url}", flush=True)
+    print(f"{LISTENING}{url}", flush=True)
     await server.wait_stopped()
     return 0
+
+
+# The one line the daemon prints to stdout, once it accepts connections.
+LISTENING = "lighthouse listening on "
+
+
+def listening_url(line: str) -> str | None:
+    """The URL in the daemon's "listening on" line; None for any other line."""
+    return line[len(LISTENING) :].strip() if line.startswith(LISTENING) else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from lighthouse.cli import LISTENING, listening_url
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -153,11 +155,15 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
-def start_lighthouse(procs: list[Proc], *flags: str, port: int = 0) -> tuple[Proc, str]:
+def start_lighthouse(
+    procs: list[Proc], *flags: str, port: int = 0, env: Mapping[str, str] | None = None
+) -> tuple[Proc, str]:
     proc = Proc(
         "lighthouse",
         [sys.executable, "-m", "lighthouse.cli", "--bind", f"127.0.0.1:{port}", *flags],
+        env=env,
     )
     procs.append(proc)
-    line = proc.wait_for("lighthouse listening on", timeout=30)
-    return proc, line.strip().rsplit(" ", 1)[-1]
+    url = listening_url(proc.wait_for(LISTENING, timeout=30))
+    assert url is not None
+    return proc, url

@@ -18,13 +18,13 @@ import aiohttp
 import pytest
 
 from lighthouse import protocol
+from lighthouse.cli import listening_url
 from tests.lighthouse_support import join, quorum_of
 
 pytestmark = pytest.mark.integration
 
 # Generous for a loaded 2-core CI box; a bare start takes a few hundred ms.
 STARTUP_LIMIT_S = 1.5
-URL_PREFIX = "lighthouse listening on "
 
 
 class Daemon:
@@ -69,8 +69,9 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         daemon.startup_s = time.monotonic() - started
-        assert line.startswith(URL_PREFIX), (line, daemon.logs())
-        daemon.url = line.removeprefix(URL_PREFIX).strip()
+        url = listening_url(line)
+        assert url is not None, (line, daemon.logs())
+        daemon.url = url
         return daemon
 
     yield start

@@ -38,6 +38,7 @@ from ftdiloco.launch import (
     printable,
     process_tree,
 )
+from lighthouse.cli import LISTENING, listening_url
 from lighthouse.client import LighthouseClient
 from lighthouse.quorum import Member
 from tests.procs import Proc, process_pool, start_lighthouse
@@ -289,7 +290,7 @@ def test_batch_lighthouse_stops_once_every_group_came_and_went() -> None:
             ),
         )
         procs.append(proc)
-        url = proc.wait_for("lighthouse listening on", timeout=30).split()[-1]
+        url = listening_url(proc.wait_for(LISTENING, timeout=30))
         with LighthouseClient(url) as first:
             first.start_liveness("group0", lambda event: None)
             proc.wait_for("saw group0 (1 of 2 groups)", timeout=30)

@@ -142,26 +142,12 @@ async def test_the_lighthouse_records_a_change_and_hands_it_to_every_member(ligh
 def test_the_outer_lr_changes_at_the_same_step_on_every_group(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from tests.chaos_support import assert_one_history, records, start_group
-    from tests.procs import Proc, process_pool
+    from tests.procs import process_pool, start_lighthouse
 
     token = {"FTDILOCO_TOKEN": "s3cret"}
     logs = [tmp_path / f"g{g}.jsonl" for g in range(2)]
     with process_pool() as procs:
-        lighthouse = Proc(
-            "lighthouse",
-            [
-                sys.executable,
-                "-m",
-                "lighthouse.cli",
-                "--bind",
-                "127.0.0.1:0",
-                "--min-replicas",
-                "2",
-            ],
-            env=token,
-        )
-        procs.append(lighthouse)
-        url = lighthouse.wait_for("lighthouse listening on", timeout=30).strip().rsplit(" ")[-1]
+        _, url = start_lighthouse(procs, "--min-replicas", "2", env=token)
         common = {"WORKER_STEPS": "7", "WORKER_PAUSE_AT": "2", **token}
         groups = [start_group(procs, url, g, logs[g], **common) for g in range(2)]
         for g in groups:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from ftdiloco.launch.step_lines import LISTENING
+from lighthouse.cli import listening_url
 from lighthouse.client import LighthouseClient, LighthouseError
 
 
@@ -68,8 +68,8 @@ def _serve_lighthouse(
     url = None
     for line in proc.stdout:
         _emit(line, copy)
-        if line.startswith(LISTENING):
-            url = line[len(LISTENING) :].strip()
+        url = listening_url(line)
+        if url is not None:
             break
     if url is None:
         return proc.wait()

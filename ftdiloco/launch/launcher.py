@@ -20,8 +20,9 @@ import aiohttp
 
 from ftdiloco.launch.processes import Child
 from ftdiloco.launch.record import Record, json_float
-from ftdiloco.launch.step_lines import LISTENING, parse_done_line, parse_eval, parse_step_line
+from ftdiloco.launch.step_lines import parse_done_line, parse_eval, parse_step_line
 from ftdiloco.launch.terminal import _Output, compact_log
+from lighthouse.cli import listening_url
 
 # The launcher's exit code when its output was closed: 128 + SIGPIPE, as a shell reports it.
 EXIT_OUTPUT_CLOSED = 141
@@ -319,8 +320,9 @@ class _Launcher:
         assert child.proc.stdout is not None
         async for raw in child.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith(LISTENING) and not listening.done():
-                listening.set_result(line[len(LISTENING) :].strip())
+            url = listening_url(line)
+            if url is not None and not listening.done():
+                listening.set_result(url)
             self._show(child, line)
         code = await child.proc.wait()
         if not listening.done():

@@ -13,8 +13,6 @@ _STEP = re.compile(
     r"outer step (?P<step>\d+) \| loss (?P<loss>\S+) \|.*\| (?P<outcome>committed|rolled back)"
     r"(?P<healed> \| healed)?"
 )
-# The lighthouse's first line: its URL.
-LISTENING = "lighthouse listening on "
 _DONE = re.compile(r"^done \|.*final loss (?P<loss>\S+)")
 # Held-out loss, in a step line (`| eval 2.401 |`) and in the done line (`| final eval 2.399`).
 _EVAL = re.compile(r"\| (?:final )?eval (?P<eval>[^\s|]+)")
