@@ -16,7 +16,6 @@ reached or refuses.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -154,8 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     checkpoint = commands.add_parser(
         "checkpoint",
         help="ask every connected group to save a checkpoint at its next outer step",
-        description="POST /v1/checkpoint to the manager of every group the lighthouse knows "
-        "as connected. Groups without FTDILOCO_CHECKPOINT_DIR refuse.",
+        description="POST /v1/checkpoint to the lighthouse, which asks the manager of every "
+        "group connected to it. Groups without FTDILOCO_CHECKPOINT_DIR refuse.",
     )
     _operator_flags(checkpoint)
 
@@ -389,64 +388,23 @@ def shutdown(address: str, *, timeout: float = 3.0, token: str | None = None) ->
 
 
 def checkpoint(address: str, *, timeout: float = 3.0, token: str | None = None) -> int:
-    """Ask every connected group's manager to save at its next outer step."""
+    """Ask every connected group, through the lighthouse, to save at its next outer step."""
     from lighthouse.client import LighthouseError
 
     try:
         with _client(address, timeout, token) as client:
-            doc = client.status()
+            answers = client.checkpoint_all()
     except (LighthouseError, ValueError) as e:
         print(f"ftdiloco checkpoint: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    groups = [
-        (str(r["replica_id"]), str(r["address"]))
-        for r in doc.get("replicas", [])
-        if r.get("connected") and r.get("address")
-    ]
-    if not groups:
+    if not answers:
         print("ftdiloco checkpoint: no connected group", file=sys.stderr)
         return EXIT_UNREACHABLE
-    answers = asyncio.run(_ask_checkpoints(groups, timeout, token))
     failed = False
-    for replica_id, answer in answers:
+    for replica_id, answer in sorted(answers.items()):
         print(f"{replica_id}: {answer}")
         failed |= not answer.startswith("checkpoint requested")
     return EXIT_UNREACHABLE if failed else 0
-
-
-async def _ask_checkpoints(
-    groups: list[tuple[str, str]], timeout: float, token: str | None
-) -> list[tuple[str, str]]:
-    import aiohttp
-
-    from lighthouse import protocol
-
-    headers = {"Content-Type": protocol.CONTENT_TYPE}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-
-    async def ask(session: aiohttp.ClientSession, replica_id: str, url: str) -> tuple[str, str]:
-        try:
-            async with session.post(
-                f"{url.rstrip('/')}/v1/checkpoint", data=protocol.pack({}), headers=headers
-            ) as response:
-                body = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            return replica_id, f"cannot reach {url}: {e or type(e).__name__}"
-        try:
-            message = protocol.unpack(body)
-        except Exception:  # a foreign server's body: say what came back
-            message = {}
-        if response.status == 202:
-            return replica_id, f"checkpoint requested (at step {message.get('step')})"
-        detail = (
-            message.get("message") or message.get("error") or body[:80].decode(errors="replace")
-        )
-        return replica_id, f"refused ({response.status}): {detail}"
-
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
-        return list(await asyncio.gather(*(ask(session, r, url) for r, url in groups)))
 
 
 # -- status -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ lighthouse reports that a member of the quorum died.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -97,6 +98,7 @@ class Manager:
         self._dirty = False
         self._state_server = StateServer(self.config.token)
         self.metrics = GroupMetrics()
+        self._last_loss: float | None = None
         self._sync_started = time.perf_counter()
 
         self._loop = BackgroundLoop(f"ftdiloco-{cfg.replica_id}-{cfg.rank}")
@@ -108,7 +110,8 @@ class Manager:
         self.address = self._loop.run(self._serve(), timeout=30)
         if self.group_rank == 0:
             self._store = process_group.host_store(cfg.host, 0, cfg.collective_timeout, cfg.token)
-            self._loop.run(self._connect_lighthouse(), timeout=30)
+            # The client retries until FTDILOCO_TIMEOUT itself, saying so every few seconds.
+            self._loop.run(self._connect_lighthouse(), timeout=cfg.quorum_timeout + 5)
         self._leader_url = self._find_leader()
         self._log.info("manager ready", address=self.address, leader=self._leader_url)
 
@@ -147,6 +150,7 @@ class Manager:
     def report_loss(self, loss: float, *, eval_loss: float | None = None) -> None:
         """The script's latest training (and held-out) loss, for ``/metrics``."""
         self.metrics.loss.set(loss)
+        self._last_loss = loss if math.isfinite(loss) else None
         if eval_loss is not None:
             self.metrics.eval_loss.set(eval_loss)
 
@@ -407,6 +411,8 @@ class Manager:
             data={
                 "heal": [values[r]["heal"] for r in range(self.group_size)],
                 DIRTY: any(v["dirty"] for v in values.values()),
+                # For the dashboard's loss chart: the script's last reported loss.
+                **({"loss": self._last_loss} if self._last_loss is not None else {}),
             },
             incarnation=self.incarnation,
             history=lead["history"],

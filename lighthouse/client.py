@@ -313,6 +313,14 @@ class AsyncLighthouseClient:
         pending = reply.get("pending")
         return dict(pending) if isinstance(pending, dict) else {}
 
+    async def checkpoint_all(self) -> dict[str, str]:
+        """Ask every connected group to save a checkpoint; what each group's manager said."""
+        reply = await self._post("/v1/checkpoint", protocol.pack({}))
+        groups = reply.get("groups")
+        if not isinstance(groups, dict):
+            raise LighthouseError("the lighthouse's checkpoint answer has no map 'groups'")
+        return {str(rid): str(answer) for rid, answer in groups.items()}
+
     async def shutdown(self) -> None:
         """Stop the first lighthouse that answers; waiting joins get 503 shutting_down."""
         await self._post("/v1/shutdown", protocol.pack({}), _nothing_sent)
@@ -716,6 +724,9 @@ class LighthouseClient:
         self, outer_lr: float | None = None, outer_momentum: float | None = None
     ) -> dict[str, float]:
         return self._run(self._client.set_settings(outer_lr, outer_momentum))
+
+    def checkpoint_all(self) -> dict[str, str]:
+        return self._run(self._client.checkpoint_all())
 
     def shutdown(self) -> None:
         self._run(self._client.shutdown())

@@ -72,6 +72,8 @@ class EvictionCause(str, Enum):
     KILLED = "killed"
     # The same replica id came back with a new incarnation: the old process is gone.
     RESTARTED = "restarted"
+    # It closed its connection cleanly (its Manager was closed): it finished or left.
+    LEFT = "left"
 
 
 @dataclass(frozen=True)

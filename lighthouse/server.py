@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import math
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import aiohttp
 import prometheus_client
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -63,6 +65,10 @@ _CLOSE_REASON_BYTES = 120
 # heals, discarded history, operator actions) and each quorum's member steps.
 _EVENTS = 200
 _STEP_POINTS = 600
+# Groups that left cleanly, shown as finished on /status until they come back.
+_FINISHED_KEPT = 256
+# How long a group's manager gets to answer a forwarded checkpoint request.
+_CHECKPOINT_ASK_S = 5.0
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -286,6 +292,7 @@ class LighthouseServer:
         self._joining: str | None = None  # the replica whose join the core is handling
         self._events: deque[dict[str, Any]] = deque(maxlen=_EVENTS)
         self._step_history: deque[dict[str, Any]] = deque(maxlen=_STEP_POINTS)
+        self._finished: dict[str, float] = {}
         # The incarnation each replica last took part in a quorum with.
         self._incarnations: dict[str, str] = {}
 
@@ -318,6 +325,7 @@ class LighthouseServer:
         app.router.add_post("/v1/kill", self._kill)
         app.router.add_post("/v1/shutdown", self._shutdown)
         app.router.add_post("/v1/settings", self._set_settings)
+        app.router.add_post("/v1/checkpoint", self._checkpoint_all)
         app.router.add_get("/status", self._status)
         app.router.add_get("/", self._dashboard_page)
         app.router.add_get("/metrics", self._metrics_page)
@@ -427,7 +435,13 @@ class LighthouseServer:
         rid, cause = eviction.replica_id, eviction.cause.value
         self._metrics.evictions.labels(cause).inc()
         _log.info("replica evicted", replica=rid, cause=cause, in_quorum=eviction.in_quorum)
-        self._event("eviction", f"{rid} evicted: {cause}", replica_id=rid, cause=cause)
+        if eviction.cause is EvictionCause.LEFT:
+            self._finished[rid] = time.time()
+            while len(self._finished) > _FINISHED_KEPT:
+                del self._finished[next(iter(self._finished))]
+            self._event("left", f"{rid} left (closed cleanly)", replica_id=rid)
+        else:
+            self._event("eviction", f"{rid} evicted: {cause}", replica_id=rid, cause=cause)
         replaced = eviction.cause is EvictionCause.RESTARTED and rid == self._joining
         if rid in self._waiters and not replaced:
             # Its join no longer counts; without an answer it would wait out its
@@ -500,8 +514,17 @@ class LighthouseServer:
                     f"{m.replica_id} heals from step {m.step} to step {step}",
                     replica_id=m.replica_id,
                 )
+        losses = {
+            m.replica_id: loss
+            for m in quorum.members
+            if type(loss := m.data.get("loss")) is float and math.isfinite(loss)
+        }
         self._step_history.append(
-            {"time": self._formed_unix, "steps": {m.replica_id: m.step for m in quorum.members}}
+            {
+                "time": self._formed_unix,
+                "steps": {m.replica_id: m.step for m in quorum.members},
+                "losses": losses,
+            }
         )
 
     def _schedule(self, update: Update) -> None:
@@ -592,6 +615,7 @@ class LighthouseServer:
         self._refuse_if_stopping()
         rid = member.replica_id
         self._refuse_if_stale(rid, member.incarnation)
+        self._finished.pop(rid, None)
         if rid in self._waiters:
             self._resolve(
                 rid,
@@ -629,6 +653,7 @@ class LighthouseServer:
             )
 
     def _beat(self, rid: str, liveness: protocol.Liveness) -> None:
+        self._finished.pop(rid, None)
         self._drive(
             lambda now: self.core.heartbeat(
                 rid, now, incarnation=liveness.incarnation, committed=liveness.committed
@@ -719,7 +744,11 @@ class LighthouseServer:
             return
         del self._sockets[rid]
         if not self._stopping:
-            self._drive(lambda now: self.core.lost(rid, now, EvictionCause.CONNECTION_CLOSED))
+            # A close frame with 1000 is a Manager closing; a reset or a missing
+            # frame is a process that died.
+            left = conn.ws.close_code == WSCloseCode.OK
+            cause = EvictionCause.LEFT if left else EvictionCause.CONNECTION_CLOSED
+            self._drive(lambda now: self.core.lost(rid, now, cause))
 
     # -- control endpoints -------------------------------------------------------------
 
@@ -746,6 +775,50 @@ class LighthouseServer:
         self._event("shutdown", "shutdown requested by operator")
         self.request_stop()
         return guard.reply(request, {"ok": True})
+
+    async def _checkpoint_all(self, request: web.Request) -> web.Response:
+        """``POST /v1/checkpoint``: ask every connected group's manager to save a checkpoint.
+
+        Each group saves at its next outer step boundary; the answer says, per
+        group, what its manager replied.  The managers share the job's token,
+        so the lighthouse forwards its own.
+        """
+        self._authorize(request)
+        self._refuse_if_standby()
+        await guard.read_message(request, self.config.max_body_bytes)
+        addresses = {r["replica_id"]: r["address"] for r in self.status()["replicas"]}
+        groups = {rid: address for rid, address in addresses.items() if rid in self._sockets}
+        answers = await asyncio.gather(
+            *(self._ask_checkpoint(address) for address in groups.values())
+        )
+        self._event("checkpoint", f"checkpoint asked of {len(groups)} groups")
+        return guard.reply(request, {"groups": dict(zip(groups, answers, strict=True))})
+
+    async def _ask_checkpoint(self, address: str | None) -> str:
+        if not address:
+            return "no manager address known"
+        headers = {"Content-Type": protocol.CONTENT_TYPE}
+        if self.config.token is not None:
+            headers.update(guard.authorization(self.config.token))
+        timeout = aiohttp.ClientTimeout(total=_CHECKPOINT_ASK_S)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(
+                    f"{address.rstrip('/')}/v1/checkpoint", data=protocol.pack({}), headers=headers
+                ) as response,
+            ):
+                body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return f"cannot reach {address}: {e or type(e).__name__}"
+        if response.status == 202:
+            try:
+                step = protocol.unpack(body).get("step")
+            except protocol.ProtocolError:
+                step = None
+            return f"checkpoint requested (at step {step})"
+        code, message = protocol.decode_error(body)
+        return f"refused ({response.status} {code}): {message}"
 
     async def _set_settings(self, request: web.Request) -> web.Response:
         """``POST /v1/settings`` {"outer_lr": x, "outer_momentum": y}: a live change.
@@ -790,7 +863,9 @@ class LighthouseServer:
         seen = self.core.last_seen()
         committed = self.core.committed()
         replicas = []
-        for rid in sorted(seen.keys() | in_quorum.keys() | self._sockets.keys()):
+        for rid in sorted(
+            seen.keys() | in_quorum.keys() | self._sockets.keys() | self._finished.keys()
+        ):
             latest = joiners[rid][0] if rid in joiners else in_quorum.get(rid)
             replicas.append(
                 {
@@ -804,6 +879,7 @@ class LighthouseServer:
                     "committed_step": committed[rid][0] if rid in committed else None,
                     "history": committed[rid][1] if rid in committed else None,
                     "incarnation": latest.incarnation if latest is not None else None,
+                    "finished": rid in self._finished and rid not in seen,
                 }
             )
         return {

@@ -98,9 +98,18 @@ def heartbeat(url: str, rid: str, incarnation: str) -> None:
 def form_quorums(url: str) -> None:
     """Three quorums of a and b; before the third, b restarts (new incarnation) at step 0."""
     rounds = [
-        (Member("a", step=0, incarnation="a1"), Member("b", step=0, incarnation="b1")),
-        (Member("a", step=1, incarnation="a1"), Member("b", step=1, incarnation="b1")),
-        (Member("a", step=2, incarnation="a1"), Member("b", step=0, incarnation="b2")),
+        (
+            Member("a", step=0, incarnation="a1"),
+            Member("b", step=0, incarnation="b1"),
+        ),
+        (
+            Member("a", step=1, incarnation="a1", data={"loss": 2.5}),
+            Member("b", step=1, incarnation="b1", data={"loss": 2.75}),
+        ),
+        (
+            Member("a", step=2, incarnation="a1", data={"loss": 2.25}),
+            Member("b", step=0, incarnation="b2"),
+        ),
     ]
     with (
         LighthouseClient(url, TOKEN) as a,
@@ -147,10 +156,23 @@ def test_the_dashboard_shows_a_live_job_and_its_buttons_work(lighthouse, browser
     assert "b heals from step 0 to step 2" in events_text(driver)
     rows = driver.find_element(By.ID, "replicas").text
     assert "a" in rows and "b" in rows
+    # Loss per group over time, from the losses the groups report with their joins.
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#loss-chart polyline")) == 2)
+    losses = {
+        line.get_attribute("data-replica"): len(line.get_attribute("points").split())
+        for line in driver.find_elements(By.CSS_SELECTOR, "#loss-chart polyline")
+    }
+    assert losses == {"a": 2, "b": 1}
+    assert "a (loss 2.250)" in driver.find_element(By.ID, "loss-legend").text
 
-    # Kill b: confirm, then the token (asked once).
+    # Checkpoint every group: these replicas have no liveness link, so none is connected.
+    driver.find_element(By.ID, "checkpoint").click()
+    answer_dialogs(driver, TOKEN)
+    wait.until(lambda d: "no connected group" in d.find_element(By.ID, "control-result").text)
+
+    # Kill b: confirm (the token was given for the checkpoint, and is remembered).
     driver.find_element(By.CSS_SELECTOR, 'button.kill[data-replica="b"]').click()
-    answer_dialogs(driver, None, TOKEN)
+    answer_dialogs(driver, None)
     wait.until(lambda d: "killed b" in d.find_element(By.ID, "control-result").text)
     wait.until(lambda d: "b evicted: killed" in events_text(d))
     assert "b killed by operator: dashboard" in events_text(driver)

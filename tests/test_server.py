@@ -87,9 +87,9 @@ async def test_a_closed_websocket_is_lost_at_once(lighthouses, session):
     assert pushed["type"] == protocol.EVENT_QUORUM
     assert protocol.decode_quorum(pushed["quorum"]) == first
 
-    await ws_b.close()
+    await ws_b.close()  # a close frame: b left (a dead process sends none: connection_closed)
     lost = protocol.decode_member_lost(await next_event(ws_a))
-    assert lost == protocol.MemberLost("b", "connection_closed", first.quorum_id)
+    assert lost == protocol.MemberLost("b", "left", first.quorum_id)
     started = time.monotonic()
     second = quorum_of(await join(session, server.url, "a"))
     assert second.replica_ids == ("a",)
@@ -150,7 +150,7 @@ async def test_a_waiting_replica_that_is_evicted_is_told_to_join_again(lighthous
     await ws.close()
     status, body = await waiting
     assert (status, body["error"]) == (503, "evicted")
-    assert "connection_closed" in body["message"]
+    assert "(left)" in body["message"]
 
 
 async def test_a_client_that_hangs_up_withdraws_its_join(lighthouses):
