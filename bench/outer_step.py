@@ -51,7 +51,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
+from ftdiloco.launch.processes import free_port  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
 
 WORKER = str(ROOT / "bench" / "_outer_worker.py")
@@ -155,12 +155,6 @@ def start_lighthouse(procs: list[Proc], *flags: str) -> str:
     if url is None:
         raise RuntimeError(f"unexpected lighthouse output {line!r}\n{proc.tail()}")
     return url
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_group(procs: list[Proc], url: str, group: int, mode: str, **env: str) -> Proc:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +20,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ftdiloco.launch.processes import free_port
 from lighthouse.cli import LISTENING, listening_url
+
+__all__ = ["ROOT", "Proc", "free_port", "process_pool", "start_lighthouse"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,21 +139,6 @@ def process_pool(save_to: Path | None = None) -> Iterator[list[Proc]]:
             for proc in procs:
                 lines = [f"{t:.3f} {line}" for t, line in list(proc.stamped)]
                 (save_to / f"{proc.name}-{proc.pid}.log").write_text("".join(lines))
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), so no outgoing
-    connection (gloo opens many) can take it between now and its use."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def start_lighthouse(

@@ -30,10 +30,9 @@ from ftdiloco.launch.launcher import (
     Group,
     Kill,
     LaunchOptions,
-    free_port,
     launch,
 )
-from ftdiloco.launch.processes import alive, process_tree
+from ftdiloco.launch.processes import alive, free_port, process_tree
 from ftdiloco.launch.step_lines import parse_done_line, parse_eval, parse_step_line
 from ftdiloco.launch.terminal import _Output, compact_log, printable
 

@@ -9,7 +9,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from ftdiloco.launch.processes import Child
+from ftdiloco.launch.processes import Child, free_port
 from ftdiloco.launch.record import Record, json_float
 from ftdiloco.launch.step_lines import parse_done_line, parse_eval, parse_step_line
 from ftdiloco.launch.terminal import _Output, compact_log
@@ -95,12 +94,6 @@ class LaunchOptions:
             if value is not None and value.isdigit():
                 found = int(value)  # argparse keeps the last one; so do we
         return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

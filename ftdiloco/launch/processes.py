@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
+import socket
 import time
 from collections.abc import Sequence
 
@@ -115,3 +117,18 @@ class Child:
         self.kill()  # what is still below it, if it is still there
         signal_processes(tree, signal.SIGKILL)  # what it left behind
         return await self.proc.wait()
+
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), so that no outgoing
+    connection (gloo opens many) can take it between now and its use."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
