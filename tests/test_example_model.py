@@ -8,12 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ftdiloco.config import Config
+from ftdiloco.diloco import SyncReport
 from ftdiloco.examples import train_diloco
 from ftdiloco.examples.model import (
     GPT,
@@ -226,8 +226,7 @@ def test_too_little_data_for_a_batch_stops_the_script() -> None:
 
 
 def test_sync_line() -> None:
-    # Duck-typed so this runs whatever state ftdiloco.diloco is in.
-    report = SimpleNamespace(
+    report = SyncReport(
         step=7,
         committed=False,
         participants=3,
@@ -238,11 +237,11 @@ def test_sync_line() -> None:
         waited=0.0101,
         hidden_fraction=0.76,
     )
-    assert train_diloco.sync_line(report, 2.3141) == (  # type: ignore[arg-type]
+    assert train_diloco.sync_line(report, 2.3141) == (
         "outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | "
         "waited 0.010s, 76% hidden | rolled back | healed"
     )
-    with_eval = train_diloco.sync_line(report, 2.3141, 2.5)  # type: ignore[arg-type]
+    with_eval = train_diloco.sync_line(report, 2.3141, 2.5)
     assert with_eval.startswith("outer step 7 | loss 2.314 | eval 2.500 | participants 3")
 
 
