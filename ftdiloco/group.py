@@ -33,24 +33,24 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 
 
 def _quorum_value(value: Mapping[str, Any]) -> None:
-    protocol._count(value, "step", 0)
-    protocol._text(value, "history", HISTORY_CHARS)
-    protocol._count(value, "commit_failures", 0)
-    protocol._text(value, "heal", protocol.MAX_ADDRESS_LEN)
-    protocol._field(value, "dirty", bool)
+    protocol.read_count(value, "step", 0)
+    protocol.read_text(value, "history", HISTORY_CHARS)
+    protocol.read_count(value, "commit_failures", 0)
+    protocol.read_text(value, "heal", protocol.MAX_ADDRESS_LEN)
+    protocol.read_field(value, "dirty", bool)
 
 
 def _vote_value(value: Mapping[str, Any]) -> None:
-    protocol._field(value, "ok", bool)
+    protocol.read_field(value, "ok", bool)
 
 
 def _checkpoint_value(value: Mapping[str, Any]) -> None:
-    protocol._field(value, "save", bool, False)
-    protocol._field(value, "stop", bool, False)
+    protocol.read_field(value, "save", bool, False)
+    protocol.read_field(value, "stop", bool, False)
 
 
 def _resume_value(value: Mapping[str, Any]) -> None:
-    steps = protocol._field(value, "steps", list)
+    steps = protocol.read_field(value, "steps", list)
     if not all(type(s) is int and s >= 0 for s in steps):
         raise protocol.ProtocolError("field 'steps' must be a list of ints >= 0")
 
@@ -151,13 +151,13 @@ class GroupGather:
             if not token_ok(request):
                 raise guard.Refused(401, "unauthorized", "wrong token")
             message = protocol.unpack(await guard.read_body(request))
-            kind = protocol._text(message, "kind", 32)
-            round_no = protocol._count(message, "round", 0)
-            rank = protocol._count(message, "rank", 0)
-            timeout_ms = protocol._count(message, "timeout_ms", 1)
+            kind = protocol.read_text(message, "kind", 32)
+            round_no = protocol.read_count(message, "round", 0)
+            rank = protocol.read_count(message, "rank", 0)
+            timeout_ms = protocol.read_count(message, "timeout_ms", 1)
             if timeout_ms > MAX_TIMEOUT_MS:
                 raise protocol.ProtocolError(f"field 'timeout_ms' must be <= {MAX_TIMEOUT_MS}")
-            value = protocol._field(message, "value", dict)
+            value = protocol.read_field(message, "value", dict)
             try:
                 answer = await self.contribute(kind, round_no, rank, value, timeout_ms / 1000)
             except GroupError as e:

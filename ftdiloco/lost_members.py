@@ -56,8 +56,8 @@ class LostMembers:
         """``POST /v1/group/lost``: answer when a member of quorum Q is lost, or at the timeout."""
         guard.authorize(request, self._token)
         message = protocol.unpack(await guard.read_body(request))
-        quorum_id = protocol._field(message, "quorum_id", int)
-        timeout = protocol._count(message, "timeout_ms", 1) / 1000
+        quorum_id = protocol.read_field(message, "quorum_id", int)
+        timeout = protocol.read_count(message, "timeout_ms", 1) / 1000
         if quorum_id not in self._lost:
             while len(self._waiters) >= KEPT:  # forgotten quorums: let their askers go
                 stale = self._waiters.pop(next(iter(self._waiters)))

@@ -160,14 +160,14 @@ class RendezvousStore:
     async def _handle(self, request: web.Request) -> web.Response:
         guard.authorize(request, self._token)
         message = protocol.unpack(await guard.read_body(request))
-        op = protocol._text(message, "op", 32)
+        op = protocol.read_text(message, "op", 32)
         if op not in _OPS:
             raise protocol.ProtocolError(f"unknown op {protocol.describe(op)}; use one of {_OPS}")
         answer = await getattr(self, f"_op_{op}")(message)
         return web.Response(body=protocol.pack(answer), content_type=protocol.CONTENT_TYPE)
 
     def _timeout(self, message: dict[str, Any]) -> float:
-        ms = protocol._count(message, "timeout_ms", 0, int(self.timeout * 1000))
+        ms = protocol.read_count(message, "timeout_ms", 0, int(self.timeout * 1000))
         return float(min(ms, 24 * 3600 * 1000)) / 1000
 
     async def _op_set(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class RendezvousStore:
 
     async def _op_add(self, message: dict[str, Any]) -> dict[str, Any]:
         key = _key(message)
-        amount = protocol._field(message, "amount", int)
+        amount = protocol.read_field(message, "amount", int)
         try:
             current = int(self._data.get(key, b"0"))
         except ValueError:
@@ -222,18 +222,18 @@ class RendezvousStore:
 
 
 def _key(message: dict[str, Any]) -> str:
-    return protocol._text(message, "key", MAX_KEY_CHARS)
+    return protocol.read_text(message, "key", MAX_KEY_CHARS)
 
 
 def _keys(message: dict[str, Any]) -> list[str]:
-    keys = protocol._field(message, "keys", list)
+    keys = protocol.read_field(message, "keys", list)
     if not all(type(k) is str and len(k) <= MAX_KEY_CHARS for k in keys):
         raise protocol.ProtocolError(f"field 'keys' must hold strings of <= {MAX_KEY_CHARS}")
     return keys
 
 
 def _value(message: dict[str, Any], name: str) -> bytes:
-    value = protocol._field(message, name, bytes)
+    value = protocol.read_field(message, name, bytes)
     if len(value) > MAX_VALUE_BYTES:
         raise protocol.ProtocolError(f"field {name!r} is longer than {MAX_VALUE_BYTES} bytes")
     return value

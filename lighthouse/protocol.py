@@ -163,7 +163,12 @@ def unpack_json(body: bytes, limits: Limits = REQUEST) -> dict[str, Any]:
     return message
 
 
-def _field(message: Mapping[str, Any], name: str, kind: type[T], default: T | None = None) -> T:
+# The field readers every decoder uses (here, the group rounds, the store): strict
+# about types, naming the field in every error, raising ProtocolError (a 400).
+
+
+def read_field(message: Mapping[str, Any], name: str, kind: type[T], default: T | None = None) -> T:
+    """``message[name]`` of exactly ``kind`` (an int is accepted as a float), or ``default``."""
     if name not in message:
         if default is None:
             raise ProtocolError(f"missing field {name!r}")
@@ -175,22 +180,26 @@ def _field(message: Mapping[str, Any], name: str, kind: type[T], default: T | No
     return value  # type: ignore[return-value]
 
 
-def _text(message: Mapping[str, Any], name: str, limit: int, default: str | None = None) -> str:
-    value = _field(message, name, str, default)
+def read_text(message: Mapping[str, Any], name: str, limit: int, default: str | None = None) -> str:
+    """A string field of at most ``limit`` characters."""
+    value = read_field(message, name, str, default)
     if len(value) > limit:
         raise ProtocolError(f"field {name!r} is longer than {limit} characters")
     return value
 
 
-def _count(message: Mapping[str, Any], name: str, minimum: int, default: int | None = None) -> int:
-    value = _field(message, name, int, default)
+def read_count(
+    message: Mapping[str, Any], name: str, minimum: int, default: int | None = None
+) -> int:
+    """An int field of at least ``minimum``."""
+    value = read_field(message, name, int, default)
     if value < minimum:
         raise ProtocolError(f"field {name!r} must be >= {minimum}, got {value}")
     return value
 
 
 def replica_id(message: Mapping[str, Any]) -> str:
-    rid = _text(message, "replica_id", MAX_ID_LEN)
+    rid = read_text(message, "replica_id", MAX_ID_LEN)
     if not rid:
         raise ProtocolError("field 'replica_id' must not be empty")
     return rid
@@ -226,22 +235,22 @@ def encode_member(member: Member) -> dict[str, Any]:
 def decode_member(message: Mapping[str, Any]) -> Member:
     return Member(
         replica_id=replica_id(message),
-        address=_text(message, "address", MAX_ADDRESS_LEN, ""),
-        store_address=_text(message, "store_address", MAX_ADDRESS_LEN, ""),
-        step=_count(message, "step", 0, 0),
-        world_size=_count(message, "world_size", 1, 1),
-        shrink_only=_field(message, "shrink_only", bool, False),
-        commit_failures=_count(message, "commit_failures", 0, 0),
+        address=read_text(message, "address", MAX_ADDRESS_LEN, ""),
+        store_address=read_text(message, "store_address", MAX_ADDRESS_LEN, ""),
+        step=read_count(message, "step", 0, 0),
+        world_size=read_count(message, "world_size", 1, 1),
+        shrink_only=read_field(message, "shrink_only", bool, False),
+        commit_failures=read_count(message, "commit_failures", 0, 0),
         data=_data(message),
-        incarnation=_text(message, "incarnation", MAX_ID_LEN, ""),
-        history=_text(message, "history", HISTORY_CHARS, ""),
-        expected_groups=_count(message, "expected_groups", 0, 0),
+        incarnation=read_text(message, "incarnation", MAX_ID_LEN, ""),
+        history=read_text(message, "history", HISTORY_CHARS, ""),
+        expected_groups=read_count(message, "expected_groups", 0, 0),
     )
 
 
 def _data(message: Mapping[str, Any]) -> dict[str, Any]:
     """A member's free-form ``data``: a map that packs into at most MAX_DATA_BYTES."""
-    data = _field(message, "data", dict, {})
+    data = read_field(message, "data", dict, {})
     try:
         size = len(msgpack.packb(data, use_bin_type=True))
     except Exception as e:  # only a message built in-process can get here
@@ -257,7 +266,7 @@ def encode_join(member: Member, timeout: float) -> bytes:
 
 def decode_join(body: bytes) -> JoinRequest:
     message = unpack(body)
-    timeout_ms = _count(message, "timeout_ms", 1, 60_000)
+    timeout_ms = read_count(message, "timeout_ms", 1, 60_000)
     return JoinRequest(decode_member(message), timeout_ms / 1000)
 
 
@@ -309,7 +318,7 @@ def settings_values(message: Mapping[str, Any]) -> dict[str, float]:
     values: dict[str, float] = {}
     for name in SETTINGS:
         if name in message and message[name] is not None:
-            value = float(_field(message, name, float))
+            value = float(read_field(message, name, float))
             if not math.isfinite(value) or value < 0:
                 raise ProtocolError(f"field {name!r} must be a finite number >= 0, got {value}")
             if name == "outer_momentum" and value >= 1:
@@ -320,12 +329,12 @@ def settings_values(message: Mapping[str, Any]) -> dict[str, float]:
 
 def decode_settings_change(message: Mapping[str, Any]) -> SettingsChange:
     values = settings_values(message)
-    return SettingsChange(_count(message, "from_step", 0), **values)
+    return SettingsChange(read_count(message, "from_step", 0), **values)
 
 
 def decode_settings(message: Mapping[str, Any]) -> tuple[SettingsChange, ...]:
     """A quorum's ``settings`` map: its changes, ordered by ``from_step``."""
-    changes = _field(message, "changes", list, [])
+    changes = read_field(message, "changes", list, [])
     if len(changes) > MAX_SETTINGS_CHANGES or not all(isinstance(c, dict) for c in changes):
         raise ProtocolError(
             f"field 'changes' must be a list of at most {MAX_SETTINGS_CHANGES} maps"
@@ -362,17 +371,17 @@ class QuorumInfo:
 
 
 def decode_quorum(message: Mapping[str, Any]) -> QuorumInfo:
-    members = _field(message, "members", list)
+    members = read_field(message, "members", list)
     if not all(isinstance(m, dict) for m in members):
         raise ProtocolError("field 'members' must be a list of maps")
-    created = _field(message, "created", float)
+    created = read_field(message, "created", float)
     if not math.isfinite(created):
         raise ProtocolError("field 'created' must be finite")
     return QuorumInfo(
-        quorum_id=_field(message, "quorum_id", int),
+        quorum_id=read_field(message, "quorum_id", int),
         members=tuple(decode_member(m) for m in members),
         created=created,
-        settings=decode_settings(_field(message, "settings", dict, {})),
+        settings=decode_settings(read_field(message, "settings", dict, {})),
     )
 
 
@@ -397,8 +406,11 @@ class Liveness:
 def decode_liveness(message: Mapping[str, Any]) -> Liveness:
     committed = None
     if "step" in message:
-        committed = (_count(message, "step", 0), _text(message, "history", HISTORY_CHARS, ""))
-    return Liveness(_text(message, "incarnation", MAX_ID_LEN, ""), committed)
+        committed = (
+            read_count(message, "step", 0),
+            read_text(message, "history", HISTORY_CHARS, ""),
+        )
+    return Liveness(read_text(message, "incarnation", MAX_ID_LEN, ""), committed)
 
 
 def encode_heartbeat(rid: str, liveness: Liveness | None = None) -> bytes:
@@ -419,7 +431,11 @@ def encode_fence(rid: str, quorum_id: int, step: int) -> bytes:
 
 def decode_fence(body: bytes) -> tuple[str, int, int]:
     message = unpack(body)
-    return replica_id(message), _field(message, "quorum_id", int), _count(message, "step", 0)
+    return (
+        replica_id(message),
+        read_field(message, "quorum_id", int),
+        read_count(message, "step", 0),
+    )
 
 
 def encode_fence_answer(fence: Fence) -> bytes:
@@ -427,7 +443,7 @@ def encode_fence_answer(fence: Fence) -> bytes:
 
 
 def decode_fence_answer(message: Mapping[str, Any]) -> Fence:
-    return Fence(_field(message, "commit", bool), _text(message, "reason", 65536, ""))
+    return Fence(read_field(message, "commit", bool), read_text(message, "reason", 65536, ""))
 
 
 def encode_kill(rid: str, reason: str = "") -> bytes:
@@ -440,7 +456,7 @@ def decode_kill(body: bytes) -> tuple[str, str]:
 
 def kill_fields(message: Mapping[str, Any]) -> tuple[str, str]:
     """The replica to kill and why, from a decoded msgpack or JSON message."""
-    return replica_id(message), _text(message, "reason", 1024, "")
+    return replica_id(message), read_text(message, "reason", 1024, "")
 
 
 # -- errors and pushed events ---------------------------------------------------
@@ -454,7 +470,7 @@ def decode_error(body: bytes) -> tuple[str, str]:
     """Best effort: an error body that is not ours still yields a message."""
     try:
         message = unpack(body)
-        return _text(message, "error", 64), _text(message, "message", 65536, "")
+        return read_text(message, "error", 64), read_text(message, "message", 65536, "")
     except ProtocolError:
         return "unknown", body[:512].decode("utf-8", "replace")
 
@@ -465,7 +481,7 @@ EVENT_HEARTBEAT = "heartbeat"
 
 
 def event_type(message: Mapping[str, Any]) -> str:
-    return _text(message, "type", 64)
+    return read_text(message, "type", 64)
 
 
 def encode_member_lost(rid: str, cause: str, quorum_id: int) -> bytes:
@@ -483,5 +499,5 @@ class MemberLost:
 
 def decode_member_lost(message: Mapping[str, Any]) -> MemberLost:
     return MemberLost(
-        replica_id(message), _text(message, "cause", 64), _field(message, "quorum_id", int)
+        replica_id(message), read_text(message, "cause", 64), read_field(message, "quorum_id", int)
     )
