@@ -16,17 +16,20 @@ reached or refuses.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lighthouse import logs
 
 if TYPE_CHECKING:
     from lighthouse.client import LighthouseClient
+
+T = TypeVar("T")
 
 EXIT_UNREACHABLE = 2
 
@@ -332,18 +335,38 @@ def _client(address: str, timeout: float, token: str | None) -> LighthouseClient
     )
 
 
+class _Unreachable(enum.Enum):
+    """What :func:`_ask` returns once it has said, in one line, why the request failed."""
+
+    FAILED = enum.auto()
+
+
+def _ask(
+    command: str,
+    address: str,
+    timeout: float,
+    token: str | None,
+    call: Callable[[LighthouseClient], T],
+    context: str = "",
+) -> T | _Unreachable:
+    """One request of an operator command; a failure is one line on stderr, never a traceback."""
+    from lighthouse.client import LighthouseError
+
+    try:
+        with _client(address, timeout, token) as client:
+            return call(client)
+    except (LighthouseError, ValueError) as e:
+        print(f"ftdiloco {command}: {context}{e}", file=sys.stderr)
+        return _Unreachable.FAILED
+
+
 def kill(
     address: str, group: str, reason: str, *, timeout: float = 3.0, token: str | None = None
 ) -> int:
     """Evict ``group`` (a replica id, or a number meaning ``group<N>``)."""
-    from lighthouse.client import LighthouseError
-
     replica_id = f"group{group}" if group.isdigit() else group
-    try:
-        with _client(address, timeout, token) as client:
-            known = client.kill(replica_id, reason)
-    except (LighthouseError, ValueError) as e:
-        print(f"ftdiloco kill: {e}", file=sys.stderr)
+    known = _ask("kill", address, timeout, token, lambda c: c.kill(replica_id, reason))
+    if known is _Unreachable.FAILED:
         return EXIT_UNREACHABLE
     if not known:
         print(f"ftdiloco kill: the lighthouse knows no live replica {replica_id}", file=sys.stderr)
@@ -361,13 +384,14 @@ def set_outer_lr(
     token: str | None = None,
 ) -> int:
     """Change every group's outer lr (and momentum) from the step after the next quorum's."""
-    from lighthouse.client import LighthouseError
-
-    try:
-        with _client(address, timeout, token) as client:
-            pending = client.set_settings(outer_lr=lr, outer_momentum=momentum)
-    except (LighthouseError, ValueError) as e:
-        print(f"ftdiloco set-outer-lr: {e}", file=sys.stderr)
+    pending = _ask(
+        "set-outer-lr",
+        address,
+        timeout,
+        token,
+        lambda c: c.set_settings(outer_lr=lr, outer_momentum=momentum),
+    )
+    if pending is _Unreachable.FAILED:
         return EXIT_UNREACHABLE
     shown = ", ".join(f"{name} {value:g}" for name, value in sorted(pending.items()))
     print(f"{shown}: every group applies it from the step after the next quorum's")
@@ -375,13 +399,7 @@ def set_outer_lr(
 
 
 def shutdown(address: str, *, timeout: float = 3.0, token: str | None = None) -> int:
-    from lighthouse.client import LighthouseError
-
-    try:
-        with _client(address, timeout, token) as client:
-            client.shutdown()
-    except (LighthouseError, ValueError) as e:
-        print(f"ftdiloco shutdown: {e}", file=sys.stderr)
+    if _ask("shutdown", address, timeout, token, lambda c: c.shutdown()) is _Unreachable.FAILED:
         return EXIT_UNREACHABLE
     print(f"lighthouse {address} is shutting down")
     return 0
@@ -389,13 +407,8 @@ def shutdown(address: str, *, timeout: float = 3.0, token: str | None = None) ->
 
 def checkpoint(address: str, *, timeout: float = 3.0, token: str | None = None) -> int:
     """Ask every connected group, through the lighthouse, to save at its next outer step."""
-    from lighthouse.client import LighthouseError
-
-    try:
-        with _client(address, timeout, token) as client:
-            answers = client.checkpoint_all()
-    except (LighthouseError, ValueError) as e:
-        print(f"ftdiloco checkpoint: {e}", file=sys.stderr)
+    answers = _ask("checkpoint", address, timeout, token, lambda c: c.checkpoint_all())
+    if answers is _Unreachable.FAILED:
         return EXIT_UNREACHABLE
     if not answers:
         print("ftdiloco checkpoint: no connected group", file=sys.stderr)
@@ -414,13 +427,15 @@ def status(
     address: str, *, as_json: bool = False, timeout: float = 3.0, token: str | None = None
 ) -> int:
     """Print the lighthouse's /status as a table (or JSON); 2 if it cannot be reached."""
-    from lighthouse.client import LighthouseError
-
-    try:
-        with _client(address, timeout, token) as client:
-            doc = client.status()
-    except (LighthouseError, ValueError) as e:
-        print(f"ftdiloco status: cannot read the lighthouse's status: {e}", file=sys.stderr)
+    doc = _ask(
+        "status",
+        address,
+        timeout,
+        token,
+        lambda c: c.status(),
+        "cannot read the lighthouse's status: ",
+    )
+    if doc is _Unreachable.FAILED:
         return EXIT_UNREACHABLE
     if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True))
