@@ -308,10 +308,7 @@ class LighthouseServer:
         """Listen on host:port (0: any free port) and return the URL actually bound."""
         self._loop = asyncio.get_running_loop()
         sock = _bind(host, port)  # first: a busy port leaves nothing to clean up
-        # Started now: a job under way gives its replicas time to reconnect.
-        self.core = QuorumCore(
-            self.config.quorum_config(), first_quorum_id=self.epoch, started=self._loop.time()
-        )
+        self._fresh_core()
         self._dashboard = (
             importlib.resources.files("lighthouse").joinpath("dashboard.html").read_bytes()
         )
@@ -355,11 +352,15 @@ class LighthouseServer:
         # this one's ids above anything handed out until now, and give every
         # live replica time to reconnect and tell its step.
         self.epoch = max(self.epoch + 1, wall_clock_epoch())
+        self._fresh_core()
+        _log.info("lease acquired: serving", lease=self.config.lease, epoch=self.epoch)
+        return True
+
+    def _fresh_core(self) -> None:
+        """A core that starts now, in this epoch: a job under way gets time to reconnect."""
         self.core = QuorumCore(
             self.config.quorum_config(), first_quorum_id=self.epoch, started=self._loop.time()
         )
-        _log.info("lease acquired: serving", lease=self.config.lease, epoch=self.epoch)
-        return True
 
     async def _wait_for_lease(self) -> None:
         while not self._stopping and not self._take_lease():
@@ -786,8 +787,12 @@ class LighthouseServer:
         self._authorize(request)
         self._refuse_if_standby()
         await guard.read_message(request, self.config.max_body_bytes)
-        addresses = {r["replica_id"]: r["address"] for r in self.status()["replicas"]}
-        groups = {rid: address for rid, address in addresses.items() if rid in self._sockets}
+        prev = self.core.previous
+        members = {m.replica_id: m for m in prev.members} if prev is not None else {}
+        members.update({rid: m for rid, (m, _) in self.core.joiners().items()})
+        groups = {
+            rid: members[rid].address if rid in members else None for rid in sorted(self._sockets)
+        }
         answers = await asyncio.gather(
             *(self._ask_checkpoint(address) for address in groups.values())
         )
