@@ -2,6 +2,7 @@
 processes on loopback (ended by PID in fixtures); `soak` tests are long fault
 runs, deselected by default and run by `pytest -m soak` in CI's second stage."""
 
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -39,3 +40,12 @@ async def lighthouses() -> AsyncIterator[Lighthouses]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         yield s
+
+
+@pytest.fixture
+def dead_address() -> str:
+    """An address where nothing listens: the port was just free, so connecting is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

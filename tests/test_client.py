@@ -9,7 +9,6 @@ mapping is checked, including the ones a healthy server rarely produces.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -86,15 +85,6 @@ def retries(logs: Sequence[Mapping[str, Any]], request: str) -> list[Mapping[str
 
 def server_config(**overrides: Any) -> ServerConfig:
     return ServerConfig(**{"join_timeout": 5.0, "quorum_tick": 0.05, **overrides})
-
-
-@pytest.fixture
-def dead_address() -> str:
-    """An address where nothing listens: the port was just free, so connecting is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 class Lighthouses:
