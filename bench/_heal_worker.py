@@ -43,15 +43,15 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ftdiloco.diloco import DiLoCo, SyncReport, optimizer_tensors  # noqa: E402
-from ftdiloco.manager import Manager  # noqa: E402
-from lighthouse import logs  # noqa: E402
+from ftdiloco.coordination.manager import Manager  # noqa: E402
+from ftdiloco.training.diloco import DiLoCo, SyncReport, optimizer_tensors  # noqa: E402
+from ftwire import logs  # noqa: E402
 
 IMPORTED = time.time()
 
 # For the parent's fresh-interpreter comparison: the imports above, and the
 # first optimizer, on which torch imports torch._dynamo (seconds).
-IMPORTS = "import torch, ftdiloco.diloco, ftdiloco.manager, lighthouse.logs"
+IMPORTS = "import torch, ftdiloco.training.diloco, ftdiloco.coordination.manager, ftwire.logs"
 FIRST_OPTIMIZER = "torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())"
 
 HIDDEN, WIDTH, BLOCKS, BATCH = 512, 2048, 2, 8

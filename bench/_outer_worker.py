@@ -35,12 +35,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftdiloco import manager as manager_module  # noqa: E402
-from ftdiloco import process_group  # noqa: E402
-from ftdiloco.allreduce import Work  # noqa: E402
-from ftdiloco.diloco import DiLoCo  # noqa: E402
-from ftdiloco.manager import Manager  # noqa: E402
-from lighthouse import logs  # noqa: E402
+from ftdiloco.coordination import manager as manager_module  # noqa: E402
+from ftdiloco.coordination import process_group  # noqa: E402
+from ftdiloco.coordination.allreduce import Work  # noqa: E402
+from ftdiloco.coordination.manager import Manager  # noqa: E402
+from ftdiloco.training.diloco import DiLoCo  # noqa: E402
+from ftwire import logs  # noqa: E402
 
 # A 10M-parameter transformer's tensors: an embedding, two blocks of
 # attention + MLP (weights, biases, layer norms) and a final norm.

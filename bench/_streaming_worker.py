@@ -49,10 +49,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 from model import GPT, MODEL_SIZES, ByteDataset, default_corpus  # noqa: E402
 
 from ftdiloco.config import Config  # noqa: E402
-from ftdiloco.data import ShardSampler  # noqa: E402
-from ftdiloco.diloco import DiLoCo, SyncReport, tensors_hash  # noqa: E402
-from ftdiloco.manager import Manager  # noqa: E402
-from lighthouse import logs  # noqa: E402
+from ftdiloco.coordination.manager import Manager  # noqa: E402
+from ftdiloco.training.data import ShardSampler  # noqa: E402
+from ftdiloco.training.diloco import DiLoCo, SyncReport, tensors_hash  # noqa: E402
+from ftwire import logs  # noqa: E402
 
 GROUPS = 2
 MLP_IN = 256

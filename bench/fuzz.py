@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
-from lighthouse import guard, protocol  # noqa: E402
+from ftwire import guard, protocol  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
 from lighthouse.quorum import Member  # noqa: E402
 
@@ -62,10 +62,10 @@ def serve_group() -> None:
     import torch
     from aiohttp import web
 
-    from ftdiloco.group import GroupGather
-    from ftdiloco.process_group import host_store
-    from ftdiloco.transport import StateServer
-    from lighthouse import logs
+    from ftdiloco.coordination.group import GroupGather
+    from ftdiloco.coordination.process_group import host_store
+    from ftdiloco.state.heal import StateServer
+    from ftwire import logs
 
     logs.configure("json")
 

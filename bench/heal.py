@@ -89,7 +89,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, print_table, write_json  # noqa: E402
 from bench._heal_worker import FIRST_OPTIMIZER, IMPORTS  # noqa: E402
-from ftdiloco.transport import StateServer, fetch_state  # noqa: E402
+from ftdiloco.state.heal import StateServer, fetch_state  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
 
 GOAL_GBPS = 1.5

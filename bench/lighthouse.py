@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
-from lighthouse import protocol  # noqa: E402
+from ftwire import protocol  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
 from lighthouse.quorum import Member  # noqa: E402
 

@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
-from ftdiloco.launch.processes import free_port  # noqa: E402
+from ftdiloco.operate.launch.processes import free_port  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
 
 WORKER = str(ROOT / "bench" / "_outer_worker.py")

@@ -19,20 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ftdiloco.config import Config
-    from ftdiloco.data import ShardSampler
-    from ftdiloco.diloco import DiLoCo, LocalSGD, SyncReport
-    from ftdiloco.manager import Manager
+    from ftdiloco.coordination.manager import Manager
+    from ftdiloco.training.data import ShardSampler
+    from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport
 
 __all__ = ["Config", "DiLoCo", "LocalSGD", "Manager", "ShardSampler", "SyncReport"]
 
 # Where each public name lives.
 _HOMES: dict[str, str] = {
     "Config": "ftdiloco.config",
-    "DiLoCo": "ftdiloco.diloco",
-    "LocalSGD": "ftdiloco.diloco",
-    "Manager": "ftdiloco.manager",
-    "ShardSampler": "ftdiloco.data",
-    "SyncReport": "ftdiloco.diloco",
+    "DiLoCo": "ftdiloco.training.diloco",
+    "LocalSGD": "ftdiloco.training.diloco",
+    "Manager": "ftdiloco.coordination.manager",
+    "ShardSampler": "ftdiloco.training.data",
+    "SyncReport": "ftdiloco.training.diloco",
 }
 
 # Top-level packages of the `train` extra (pyproject.toml).

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from lighthouse.protocol import MAX_ID_LEN
+from ftwire.protocol import MAX_ID_LEN
 
 log = structlog.get_logger(__name__)
 
@@ -310,9 +310,9 @@ class Config:
     collective_timeout: float
     heal_timeout: float
     heartbeat_interval: float
-    # Heal every group from one primary before step 0 (see ftdiloco.plan).
+    # Heal every group from one primary before step 0 (see ftdiloco.coordination.plan).
     init_sync: bool
-    # Where this process's checkpoints go (ftdiloco.checkpoint); None: nowhere.
+    # Where this process's checkpoints go (ftdiloco.state.checkpoint); None: nowhere.
     checkpoint_dir: Path | None = None
     # Save every this many committed outer steps; None: only when asked.
     checkpoint_every: int | None = None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lighthouse import logs
+from ftwire import logs
 
 if TYPE_CHECKING:
     from lighthouse.server import LighthouseServer

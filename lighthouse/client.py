@@ -39,9 +39,9 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from lighthouse import protocol
-from lighthouse.background import BackgroundLoop
-from lighthouse.protocol import QuorumInfo
+from ftwire import protocol
+from ftwire.background import BackgroundLoop
+from ftwire.protocol import QuorumInfo
 from lighthouse.quorum import Fence, Member
 
 __all__ = [

@@ -34,7 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lighthouse import guard, protocol
+from ftwire import guard, protocol
 from lighthouse.lease import Lease
 from lighthouse.quorum import (
     Eviction,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftwire.protocol import MAX_SETTINGS_CHANGES, SETTINGS, SettingsChange, settings_at
 from lighthouse.history import reference
-from lighthouse.protocol import MAX_SETTINGS_CHANGES, SETTINGS, SettingsChange, settings_at
 from lighthouse.quorum import Quorum
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from lighthouse.background import BackgroundLoop
+from ftwire.background import BackgroundLoop
 from lighthouse.server import LighthouseServer, ServerConfig
 from tests.lighthouse_support import Lighthouses
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from lighthouse import protocol
+from ftwire import protocol
 from lighthouse.quorum import Member
 from lighthouse.server import LighthouseServer, ServerConfig
 

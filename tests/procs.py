@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from ftdiloco.launch.processes import free_port
+from ftdiloco.operate.launch.processes import free_port
 from lighthouse.cli import LISTENING, listening_url
 
 __all__ = ["ROOT", "Proc", "free_port", "process_pool", "start_lighthouse"]

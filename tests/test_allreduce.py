@@ -1,4 +1,4 @@
-"""The allreduce's layout (ftdiloco.allreduce), without a process group.
+"""The allreduce's layout (ftdiloco.coordination.allreduce), without a process group.
 
 What the manager relies on: every tensor is covered exactly once, large
 contiguous tensors travel in place (no copy) in slices of at most a bucket,
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftdiloco import allreduce
-from ftdiloco.allreduce import Bucketer, Work, serially
+from ftdiloco.coordination import allreduce
+from ftdiloco.coordination.allreduce import Bucketer, Work, serially
 
 
 def small_bucket(monkeypatch: pytest.MonkeyPatch) -> None:

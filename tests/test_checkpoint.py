@@ -1,4 +1,4 @@
-"""Durable checkpoints: ftdiloco.checkpoint on its own, then through a real Manager.
+"""Durable checkpoints: ftdiloco.state.checkpoint on its own, then through a real Manager.
 
 What users rely on: a checkpoint on disk is complete or absent (a crash while
 saving keeps the previous one), damage is detected before anything is
@@ -28,7 +28,9 @@ import structlog.testing
 import torch
 from torch import nn
 
-from ftdiloco.checkpoint import (
+from ftdiloco.config import Config
+from ftdiloco.coordination.manager import Manager
+from ftdiloco.state.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
@@ -37,10 +39,8 @@ from ftdiloco.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from ftdiloco.config import Config
-from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
-from ftdiloco.manager import Manager
-from lighthouse import protocol
+from ftdiloco.training.diloco import DiLoCo, optimizer_tensors, tensors_hash
+from ftwire import protocol
 from tests.procs import ROOT, Proc, free_port, process_pool, start_lighthouse
 
 # The examples import each other as siblings, the way `torchrun examples/x.py` runs them.

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lighthouse import protocol
+from ftwire import protocol
 from lighthouse.cli import listening_url
 from tests.lighthouse_support import join, quorum_of
 

@@ -21,8 +21,8 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
-from lighthouse import protocol
-from lighthouse.background import BackgroundLoop
+from ftwire import protocol
+from ftwire.background import BackgroundLoop
 from lighthouse.client import (
     AsyncLighthouseClient,
     LighthouseClient,

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from torch._C._distributed_c10d import HashStore, PrefixStore, ProcessGroupGloo
 
-from ftdiloco import compression
-from ftdiloco.compression import (
+from ftdiloco.training import compression
+from ftdiloco.training.compression import (
     CODECS,
     BlockCodec,
     Codec,

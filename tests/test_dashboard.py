@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lighthouse import guard, protocol
-from lighthouse.background import BackgroundLoop
+from ftwire import guard, protocol
+from ftwire.background import BackgroundLoop
 from lighthouse.client import LighthouseClient
 from lighthouse.quorum import Member
 from lighthouse.server import LighthouseServer, ServerConfig

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ftdiloco.data import ShardSampler
+from ftdiloco.training.data import ShardSampler
 
 
 def shards(

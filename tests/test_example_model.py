@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ftdiloco.config import Config
-from ftdiloco.diloco import SyncReport
 from ftdiloco.examples import train_diloco
 from ftdiloco.examples.model import (
     GPT,
@@ -23,6 +22,7 @@ from ftdiloco.examples.model import (
     default_corpus,
     load_corpus,
 )
+from ftdiloco.training.diloco import SyncReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -341,7 +341,7 @@ def test_standalone_trains_one_group_without_a_lighthouse(tmp_path: Path) -> Non
 
 def test_the_standalone_manager_needs_the_explicit_none() -> None:
     from ftdiloco.config import ConfigError
-    from ftdiloco.standalone import StandaloneManager
+    from ftdiloco.coordination.standalone import StandaloneManager
 
     with pytest.raises(ConfigError, match="FTDILOCO_LIGHTHOUSE=none"):
         StandaloneManager(config())

@@ -22,11 +22,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ftdiloco.group import GroupGather
-from ftdiloco.process_group import RendezvousStore, host_store
-from ftdiloco.transport import StateServer
-from lighthouse import guard, protocol
-from lighthouse.background import BackgroundLoop
+from ftdiloco.coordination.group import GroupGather
+from ftdiloco.coordination.process_group import RendezvousStore, host_store
+from ftdiloco.state.heal import StateServer
+from ftwire import guard, protocol
+from ftwire.background import BackgroundLoop
 from lighthouse.server import LighthouseServer, ServerConfig
 
 TOKEN = "fuzz-token"

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from ftdiloco.config import Config
-from ftdiloco.diloco import LocalSGD
-from ftdiloco.manager import Manager
+from ftdiloco.coordination.manager import Manager
+from ftdiloco.training.diloco import LocalSGD
 from tests.test_checkpoint import Trainer, manager
 
 
@@ -77,7 +77,7 @@ def test_a_training_process_exports_its_metrics_on_the_manager_port(
 
 
 def test_a_manager_refuses_standalone_mode_in_one_line() -> None:
-    # FTDILOCO_LIGHTHOUSE=none is for ftdiloco.standalone, which talks to no lighthouse.
+    # FTDILOCO_LIGHTHOUSE=none is for ftdiloco.coordination.standalone (no lighthouse).
     with pytest.raises(ValueError, match="StandaloneManager"):
         Manager(Config.from_env({}, lighthouse="none"))
 

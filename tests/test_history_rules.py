@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftdiloco.plan import plan_quorum
+from ftdiloco.coordination.plan import plan_quorum
+from ftwire.protocol import QuorumInfo
 from lighthouse.history import GENESIS, next_history, reference
-from lighthouse.protocol import QuorumInfo
 from lighthouse.quorum import EvictionCause, Member, QuorumConfig, QuorumCore, Update
 from tests.test_quorum import formed, join, not_formed
 

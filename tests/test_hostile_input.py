@@ -18,10 +18,10 @@ import pytest
 import torch
 from aiohttp import web
 
-from ftdiloco.group import GroupGather
-from ftdiloco.process_group import RendezvousStore, host_store
-from ftdiloco.transport import StateServer
-from lighthouse import guard, protocol
+from ftdiloco.coordination.group import GroupGather
+from ftdiloco.coordination.process_group import RendezvousStore, host_store
+from ftdiloco.state.heal import StateServer
+from ftwire import guard, protocol
 from lighthouse.server import WS_MAX_FRAME_BYTES, LighthouseServer, _Connection
 from tests.lighthouse_support import (
     Lighthouses,
@@ -533,7 +533,7 @@ async def test_the_store_serves_nobody_without_the_token(session, group_server):
         assert protocol.unpack(await response.read())["count"] == 0  # nothing was written
 
     # A process group built with the wrong token fails at once, saying why.
-    from ftdiloco import process_group
+    from ftdiloco.coordination import process_group
 
     with pytest.raises(Exception, match="401 unauthorized"):
         await asyncio.to_thread(
@@ -550,7 +550,7 @@ async def test_the_store_serves_nobody_without_the_token(session, group_server):
 
 
 def test_the_store_rendezvous_builds_a_working_group_with_the_token():
-    from ftdiloco import process_group
+    from ftdiloco.coordination import process_group
 
     store = host_store("127.0.0.1", 0, 10.0, TOKEN)
     sums: dict[int, list[float]] = {}
@@ -621,7 +621,7 @@ async def _kill_unknown(url: str) -> None:
 
 def test_standard_library_records_are_rendered_as_json():
     code = (
-        "import logging; from lighthouse import logs; logs.configure('json');"
+        "import logging; from ftwire import logs; logs.configure('json');"
         "logging.getLogger('aiohttp.server')"
         ".error('Error handling request', exc_info=ValueError('x'))"
     )

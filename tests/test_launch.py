@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ftdiloco import cli
-from ftdiloco.launch import (
+from ftdiloco.operate import cli
+from ftdiloco.operate.launch import (
     EXIT_OUTPUT_CLOSED,
     Group,
     Kill,
@@ -48,7 +48,7 @@ HAS_PROC = Path("/proc/self/stat").exists()
 
 
 def ftdiloco(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ftdiloco.cli", *args]
+    return [sys.executable, "-m", "ftdiloco.operate.cli", *args]
 
 
 @pytest.fixture

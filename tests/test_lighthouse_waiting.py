@@ -46,7 +46,7 @@ async def test_one_readable_line_every_few_seconds(dead_address, capsys, monkeyp
 def test_the_manager_waits_for_ftdiloco_timeout(dead_address, capfd):
     pytest.importorskip("torch")
     from ftdiloco.config import Config
-    from ftdiloco.manager import Manager
+    from ftdiloco.coordination.manager import Manager
 
     config = Config.from_env({}, lighthouse=dead_address, replica_group_id="w", timeout=4.0)
     assert config.quorum_timeout == 4.0

@@ -15,7 +15,7 @@ import sys
 import pytest
 from aiohttp import web
 
-from lighthouse import guard, protocol
+from ftwire import guard, protocol
 from lighthouse.client import AsyncLighthouseClient, Unauthorized
 from lighthouse.quorum import Member
 from tests.lighthouse_support import Lighthouses, eventually

@@ -1,4 +1,4 @@
-"""Table tests for ftdiloco.plan: what every member derives from one quorum."""
+"""Table tests for ftdiloco.coordination.plan: what every member derives from one quorum."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from ftdiloco.plan import QuorumPlan, members_by_id, plan_quorum
-from lighthouse.protocol import QuorumInfo
+from ftdiloco.coordination.plan import QuorumPlan, members_by_id, plan_quorum
+from ftwire.protocol import QuorumInfo
 from lighthouse.quorum import Member
 
 QUORUM_ID = 3

@@ -1,6 +1,6 @@
 """Error bodies a person can read: JSON for a client that prefers it, msgpack by default.
 
-The refusal is made in one place (lighthouse.guard) for every server, so the
+The refusal is made in one place (ftwire.guard) for every server, so the
 lighthouse stands in for all of them here; the control endpoints also take a
 JSON body, as ``curl -d '{"replica_id": "g1"}'`` sends it.
 """
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from lighthouse import protocol
+from ftwire import protocol
 
 JSON = {"Accept": "application/json"}
 

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from lighthouse import protocol
+from ftwire import protocol
 from lighthouse.quorum import Update
 from lighthouse.server import ServerConfig
 from tests.lighthouse_support import (

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lighthouse import protocol
-from lighthouse.protocol import SettingsChange, settings_at
+from ftwire import protocol
+from ftwire.protocol import SettingsChange, settings_at
 from lighthouse.quorum import Member, Quorum
 from lighthouse.settings import LiveSettings, quorum_step
 from tests.lighthouse_support import join, post, quorum_of
@@ -82,7 +82,7 @@ def test_settings_travel_in_the_quorum_and_old_messages_have_none():
 
 
 def test_the_plan_carries_the_settings_in_effect_at_its_step():
-    from ftdiloco.plan import plan_quorum
+    from ftdiloco.coordination.plan import plan_quorum
 
     members = (Member("a", step=6, history="h"), Member("b", step=6, history="h"))
     changes = (SettingsChange(4, outer_lr=0.5), SettingsChange(7, outer_lr=0.1))
@@ -153,7 +153,15 @@ def test_the_outer_lr_changes_at_the_same_step_on_every_group(tmp_path: Path) ->
         for g in groups:
             g.wait_for("PAUSED", timeout=90)  # both stopped between outer steps
         changed = subprocess.run(
-            [sys.executable, "-m", "ftdiloco.cli", "set-outer-lr", "0.25", "--momentum", "0.5"],
+            [
+                sys.executable,
+                "-m",
+                "ftdiloco.operate.cli",
+                "set-outer-lr",
+                "0.25",
+                "--momentum",
+                "0.5",
+            ],
             env={**_env(), "FTDILOCO_LIGHTHOUSE": url, **token},
             capture_output=True,
             text=True,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ftdiloco.config import Config
-from ftdiloco.diloco import DiLoCo, split_fragments
-from ftdiloco.manager import Manager
+from ftdiloco.coordination.manager import Manager
+from ftdiloco.training.diloco import DiLoCo, split_fragments
 from tests.procs import process_pool, start_lighthouse
 from tests.test_diloco_faults import assert_consistent, records, start_group
 

@@ -1,4 +1,4 @@
-"""The torchx component (`ftdiloco.train`, ftdiloco/torchx_component.py) and .torchxconfig.
+"""The torchx component (`ftdiloco.train`, ftdiloco/operate/torchx_component.py) and .torchxconfig.
 
 Skipped where torchx is not installed (`pip install -e '.[torchx]'`).  The
 component is loaded the way `torchx run ftdiloco.train` loads it: by name,
@@ -28,7 +28,7 @@ from torchx.specs import AppDef
 from torchx.specs.builders import materialize_appdef
 from torchx.specs.finder import get_component, get_components
 
-from ftdiloco.launch import free_port
+from ftdiloco.operate.launch import free_port
 from tests.procs import ROOT, Proc
 
 COMPONENT = "ftdiloco.train"
@@ -66,7 +66,7 @@ def test_lighthouse_role_and_one_torchrun_role_per_group() -> None:
 
     lighthouse = by_name["lighthouse"]
     assert lighthouse.entrypoint == "python"
-    assert lighthouse.args[:5] == ["-m", "ftdiloco.cli", "lighthouse", "--groups", "3"]
+    assert lighthouse.args[:5] == ["-m", "ftdiloco.operate.cli", "lighthouse", "--groups", "3"]
     assert lighthouse.args[7:9] == ["--log-file", "/var/log/job/lighthouse.log"]
     daemon = lighthouse.args[lighthouse.args.index("--") + 1 :]
     assert daemon == [

@@ -25,14 +25,14 @@ import structlog.testing
 import torch
 from aiohttp import web
 
-from ftdiloco.transport import (
+from ftdiloco.state.heal import (
     CHECKSUM_HEADER,
     HealError,
     StateServer,
     fetch_state,
     fetch_state_blocking,
 )
-from lighthouse.protocol import pack, unpack
+from ftwire.protocol import pack, unpack
 
 STEP = 7
 # Small chunks, so that chunks straddle tensors and tensors straddle chunks.

@@ -43,12 +43,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ftdiloco.config import Config, exit_on_config_error
-from ftdiloco.data import ShardSampler
 from ftdiloco.examples.model import GPT, MODEL_SIZES, ByteDataset, default_corpus, load_corpus
-from lighthouse import logs
+from ftdiloco.training.data import ShardSampler
+from ftwire import logs
 
 if TYPE_CHECKING:
-    from ftdiloco.diloco import SyncReport
+    from ftdiloco.training.diloco import SyncReport
 
 
 PROGRAM = "ftdiloco.examples.train_diloco"
@@ -344,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here, not above, so that `--help` and the helpers above work
     # (and are tested) without the fault-tolerance machinery.
-    from ftdiloco.diloco import DiLoCo
-    from ftdiloco.manager import Manager
-    from ftdiloco.standalone import STANDALONE_NOTE, StandaloneManager
+    from ftdiloco.coordination.manager import Manager
+    from ftdiloco.coordination.standalone import STANDALONE_NOTE, StandaloneManager
+    from ftdiloco.training.diloco import DiLoCo
 
     logs.configure()
     # Read (and validate) the environment before building anything.

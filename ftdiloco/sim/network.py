@@ -13,7 +13,7 @@ fast as its slowest link, and a step of the ring pays the link's latency):
 - fp32 allreduce (ring reduce-scatter + allgather): ``2 (n-1)`` ring steps of
   ``B / n`` bytes;
 - compressed exchange (allgather of payloads of ``P`` bytes, see
-  :mod:`ftdiloco.compression`): ``n - 1`` ring steps of ``P`` bytes;
+  :mod:`ftdiloco.training.compression`): ``n - 1`` ring steps of ``P`` bytes;
 - a heal: the state's bytes over the slower of donor's and recipient's links;
 - joining a quorum: one ``quorum_latency`` (a lighthouse round trip).
 

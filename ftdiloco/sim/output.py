@@ -9,7 +9,7 @@
   it) with a ``.safetensors`` twin, which is what :meth:`DilocoSimulator.train`
   reads back (this library never unpickles);
 - ``checkpoints/group<i>/rank-0/step-<N>/``: each live worker's replicated
-  state in the real jobs' format (:mod:`ftdiloco.checkpoint`), so a real job
+  state in the real jobs' format (:mod:`ftdiloco.state.checkpoint`), so a real job
   with ``FTDILOCO_CHECKPOINT_DIR=<save_dir>/checkpoints`` resumes from it.
 """
 
@@ -25,7 +25,7 @@ import safetensors.torch
 import structlog
 import torch
 
-from ftdiloco.checkpoint import rank_directory, save_checkpoint
+from ftdiloco.state.checkpoint import rank_directory, save_checkpoint
 
 log = structlog.get_logger("ftdiloco.sim")
 

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from ftdiloco.compression import get_codec
-from ftdiloco.diloco import DiLoCo, SyncReport
 from ftdiloco.sim.evaluation import GlobalModel, progress_bar, settings
 from ftdiloco.sim.failures import Failure, FailureClock
 from ftdiloco.sim.network import wire_bytes
 from ftdiloco.sim.output import Recorder, save_job_checkpoint, save_model
 from ftdiloco.sim.worker import ShardBatches, SimWorker, global_state_hash
 from ftdiloco.sim.world import SimWorld
+from ftdiloco.training.compression import get_codec
+from ftdiloco.training.diloco import DiLoCo, SyncReport
 
 if TYPE_CHECKING:
     from ftdiloco.sim.simulator import DilocoSimulator, SimResult

@@ -2,7 +2,7 @@
 
 A drop-in for diloco-sim's keyword API (``from ftdiloco.sim import
 DilocoSimulator`` instead of ``from diloco_sim import ...``), whose workers run
-this library's own :class:`~ftdiloco.diloco.DiLoCo` against in-process stand-ins
+this library's own :class:`~ftdiloco.training.diloco.DiLoCo` against in-process stand-ins
 for the lighthouse and the collectives (:mod:`ftdiloco.sim.world`).  What a run
 learns about convergence therefore holds for a real job with the same
 settings; a test checks that a 2-worker simulation and a real 2-group job
@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ftdiloco.compression import get_codec
-from ftdiloco.diloco import split_fragments
 from ftdiloco.sim.failures import FailurePlan
 from ftdiloco.sim.network import NetworkModel
 from ftdiloco.sim.output import Recorder, load_model_file
 from ftdiloco.sim.run import Run
 from ftdiloco.sim.worker import LossFn, WorkerSpec
+from ftdiloco.training.compression import get_codec
+from ftdiloco.training.diloco import split_fragments
 
 log = structlog.get_logger("ftdiloco.sim")
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ftdiloco.diloco import DiLoCo, LocalSGD, SyncReport, optimizer_tensors, tensors_hash
 from ftdiloco.sim.world import InlineExecutor, SimManager, SimWorld
+from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport, optimizer_tensors, tensors_hash
 
 LossFn = Callable[..., torch.Tensor]
 

@@ -1,18 +1,18 @@
 """The in-process stand-ins for the lighthouse, the process group and the manager.
 
-A simulated worker runs the library's own :class:`~ftdiloco.diloco.DiLoCo` (or
-:class:`~ftdiloco.diloco.LocalSGD`) on its own thread, with a :class:`SimManager`
-where a real group has a :class:`~ftdiloco.manager.Manager`.  What differs from
+A simulated worker runs the library's own :class:`~ftdiloco.training.diloco.DiLoCo` (or
+:class:`~ftdiloco.training.diloco.LocalSGD`) on its own thread, with a :class:`SimManager`
+where a real group has a :class:`~ftdiloco.coordination.manager.Manager`.  What differs from
 a real job is only the transport:
 
 - the quorum is a barrier over the workers the simulator holds alive, turned
-  into a plan by the real :func:`~ftdiloco.plan.plan_quorum` (so init sync,
+  into a plan by the real :func:`~ftdiloco.coordination.plan.plan_quorum` (so init sync,
   who heals and from whom follow the real rules);
 - a heal copies the donor's registered state in memory;
 - collectives (:class:`InProcessGroup`) sum in rank order in fp32, so every
   worker ends with bitwise identical averages (with 2 workers also bitwise
   what gloo computes: ``a + b`` is commutative);
-- compressed exchanges go through :func:`~ftdiloco.compression.compressed_allreduce`
+- compressed exchanges go through :func:`~ftdiloco.training.compression.compressed_allreduce`
   itself, with this group's allgather.
 
 Workers take turns: a worker holds :attr:`SimWorld.lock` while it computes and
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from ftdiloco.allreduce import Work
-from ftdiloco.compression import Codec, compressed_allreduce
-from ftdiloco.plan import QuorumPlan, plan_quorum
-from lighthouse.protocol import QuorumInfo
+from ftdiloco.coordination.allreduce import Work
+from ftdiloco.coordination.plan import QuorumPlan, plan_quorum
+from ftdiloco.training.compression import Codec, compressed_allreduce
+from ftwire.protocol import QuorumInfo
 from lighthouse.quorum import Member
 
 if TYPE_CHECKING:
-    from ftdiloco.diloco import SyncReport
+    from ftdiloco.training.diloco import SyncReport
 
 log = structlog.get_logger("ftdiloco.sim")
 
@@ -217,7 +217,7 @@ class SimWorld:
 class SimManager:
     """One simulated replica group's manager: the interface DiLoCo and LocalSGD use.
 
-    Mirrors :class:`~ftdiloco.manager.Manager`: ``start_quorum`` plans with the
+    Mirrors :class:`~ftdiloco.coordination.manager.Manager`: ``start_quorum`` plans with the
     real rules and heals from the donor they name; ``allreduce`` zeros a
     healing group's tensors and divides by the groups that contribute;
     ``should_commit`` steps on success.  Failures come from the simulator

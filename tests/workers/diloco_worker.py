@@ -28,7 +28,7 @@ FTDILOCO_*), plus test-only knobs, each injecting exactly the fault it names:
   WORKER_INNER_SLEEP  seconds each inner step also takes (a paced job, for benchmarks)
 
 Every cross-group collective is traced from inside the process group the
-manager builds (``ftdiloco.process_group.connect`` is wrapped): once the real
+manager builds (``ftdiloco.coordination.process_group.connect`` is wrapped): once the real
 collective is issued the worker prints "IN_COLLECTIVE step=<n>", and when its
 wait returns "COLLECTIVE_DONE step=<n>" (or "COLLECTIVE_FAILED step=<n>").  A
 test that sees a group's IN_COLLECTIVE with no COLLECTIVE_DONE after it knows
@@ -49,11 +49,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftdiloco import process_group
-from ftdiloco.diloco import DiLoCo, optimizer_tensors, tensors_hash
-from ftdiloco.manager import Manager
-from ftdiloco.transport import StateServer
-from lighthouse import logs
+from ftdiloco.coordination import process_group
+from ftdiloco.coordination.manager import Manager
+from ftdiloco.state.heal import StateServer
+from ftdiloco.training.diloco import DiLoCo, optimizer_tensors, tensors_hash
+from ftwire import logs
 
 
 def state_hash(diloco: DiLoCo) -> str:

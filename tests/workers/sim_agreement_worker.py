@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ftdiloco.diloco import DiLoCo
-from ftdiloco.manager import Manager
+from ftdiloco.coordination.manager import Manager
 from ftdiloco.sim.worker import ShardBatches, global_state_hash, inner_step
-from lighthouse import logs
+from ftdiloco.training.diloco import DiLoCo
+from ftwire import logs
 
 SEED = 3
 BATCH = 8

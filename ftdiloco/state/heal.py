@@ -15,7 +15,7 @@ corrupted on the way (refetched) from a donor that went away
 Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes`):
 
 ``GET /v1/heal/manifest?step=N``
-    200 msgpack manifest (``lighthouse.protocol.pack``): ``step``,
+    200 msgpack manifest (``ftwire.protocol.pack``): ``step``,
     ``chunk_bytes``, ``total_bytes``, ``num_chunks``, ``checksum`` (the
     algorithm of the chunks' checksums) and ``tensors`` (``name``, ``dtype``,
     ``shape``, ``offset`` into the stream, ``nbytes``).
@@ -30,7 +30,7 @@ token, requests need ``Authorization: Bearer <token>``), 409 ``step_mismatch``
 (nothing is published, or it was retracted), 429 ``busy`` (too many chunk
 requests at once: a few are served together, each with a buffer the size of
 what it sends, and a bounded number wait), with an ``encode_error`` body
-(lighthouse.guard: the project's one token check and error answer).
+(ftwire.guard: the project's one token check and error answer).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ import torch
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from ftdiloco.dtypes import SAFETENSORS_CODES
-from lighthouse import guard
-from lighthouse.protocol import (
+from ftdiloco.state.dtypes import SAFETENSORS_CODES
+from ftwire import guard
+from ftwire.protocol import (
     ANSWER,
     CONTENT_TYPE,
     MAX_MESSAGE_BYTES,

@@ -1,6 +1,6 @@
 """What every member of a quorum works out from it, identically and without talking.
 
-The lighthouse hands the same :class:`~lighthouse.protocol.QuorumInfo` to every
+The lighthouse hands the same :class:`~ftwire.protocol.QuorumInfo` to every
 replica group.  Each rank of each group turns it into a :class:`QuorumPlan`
 with :func:`plan_quorum`: its rank among the participants, the step everyone
 will be at after healing, who must heal and from whom, and where to
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftwire.protocol import QuorumInfo, SettingsChange, settings_at
 from lighthouse.history import DIRTY, reference
-from lighthouse.protocol import QuorumInfo, SettingsChange, settings_at
 from lighthouse.quorum import Member
 
 __all__ = ["DIRTY", "QuorumPlan", "members_by_id", "plan_quorum"]

@@ -17,10 +17,10 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from ftdiloco.launch.processes import Child, free_port
-from ftdiloco.launch.record import Record, json_float
-from ftdiloco.launch.step_lines import parse_done_line, parse_eval, parse_step_line
-from ftdiloco.launch.terminal import _Output, compact_log
+from ftdiloco.operate.launch.processes import Child, free_port
+from ftdiloco.operate.launch.record import Record, json_float
+from ftdiloco.operate.launch.step_lines import parse_done_line, parse_eval, parse_step_line
+from ftdiloco.operate.launch.terminal import _Output, compact_log
 from lighthouse.cli import listening_url
 
 # The launcher's exit code when its output was closed: 128 + SIGPIPE, as a shell reports it.

@@ -8,7 +8,7 @@ NCCL on GPU; every operation carries the collective deadline.
 The store is ours, not torch's TCPStore: torch's server listens on every
 interface whatever host it is given, and serves anyone who connects.  A
 group's rank 0 hosts a :class:`RendezvousStore` instead: an aiohttp route
-bound to the configured host only, behind the shared token (lighthouse.guard),
+bound to the configured host only, behind the shared token (ftwire.guard),
 with bounded keys, values, memory and waiters.  The process groups reach it
 through :class:`StoreClient`, a ``torch.distributed.Store`` implemented in
 Python, so gloo and NCCL rendezvous on it as on any store.
@@ -36,8 +36,8 @@ from torch._C._distributed_c10d import (
     Work,
 )
 
-from lighthouse import guard, protocol
-from lighthouse.background import BackgroundLoop
+from ftwire import guard, protocol
+from ftwire.background import BackgroundLoop
 
 log = structlog.get_logger(__name__)
 

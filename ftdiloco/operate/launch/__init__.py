@@ -23,8 +23,8 @@ This module is for people at a terminal: it prints.  The library's own
 structured logs stay in the children, and are shown compactly here.
 """
 
-from ftdiloco.launch.batch_lighthouse import serve_lighthouse
-from ftdiloco.launch.launcher import (
+from ftdiloco.operate.launch.batch_lighthouse import serve_lighthouse
+from ftdiloco.operate.launch.launcher import (
     EXAMPLE_MODULE,
     EXIT_OUTPUT_CLOSED,
     Group,
@@ -32,9 +32,9 @@ from ftdiloco.launch.launcher import (
     LaunchOptions,
     launch,
 )
-from ftdiloco.launch.processes import alive, free_port, process_tree
-from ftdiloco.launch.step_lines import parse_done_line, parse_eval, parse_step_line
-from ftdiloco.launch.terminal import _Output, compact_log, printable
+from ftdiloco.operate.launch.processes import alive, free_port, process_tree
+from ftdiloco.operate.launch.step_lines import parse_done_line, parse_eval, parse_step_line
+from ftdiloco.operate.launch.terminal import _Output, compact_log, printable
 
 __all__ = [
     "EXAMPLE_MODULE",

@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from lighthouse import protocol
+from ftwire import protocol
 
 _log = structlog.get_logger(__name__)
 

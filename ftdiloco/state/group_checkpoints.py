@@ -1,9 +1,9 @@
 """A group's durable checkpoints: periodic, requested and on SIGTERM; resume at one step.
 
-The file format and its checks live in :mod:`ftdiloco.checkpoint`; this
+The file format and its checks live in :mod:`ftdiloco.state.checkpoint`; this
 module decides *when* a group saves and *which* step it resumes, so that all
 ranks of a group agree (through group rounds) and save or load the same
-step.  The :class:`~ftdiloco.manager.Manager` owns one and exposes its
+step.  The :class:`~ftdiloco.coordination.manager.Manager` owns one and exposes its
 public methods.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ftdiloco.checkpoint import (
+from ftdiloco.config import Config
+from ftdiloco.state.checkpoint import (
     CheckpointError,
     check_layout,
     list_checkpoints,
@@ -27,8 +28,7 @@ from ftdiloco.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from ftdiloco.config import Config
-from ftdiloco.state import StateRegistry
+from ftdiloco.state.registry import StateRegistry
 from lighthouse.history import GENESIS
 
 Round = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -205,7 +205,7 @@ class GroupCheckpoints:
     async def decide_resume(self, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
         """The newest step every rank holds intact; None if there is none.
 
-        Each rank's list of steps was checked when it contributed (ftdiloco.group).
+        Each rank's list of steps was checked when it contributed (ftdiloco.coordination.group).
         """
         common: set[int] | None = None
         for rank in sorted(values):

@@ -62,4 +62,4 @@ def configure(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
 
 
 # The root handler configure() installs (replaced, not added again, on a second call).
-_HANDLER = "lighthouse.logs"
+_HANDLER = "ftwire.logs"

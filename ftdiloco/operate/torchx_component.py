@@ -149,7 +149,7 @@ def train(
                 entrypoint=python,
                 args=[
                     "-m",
-                    "ftdiloco.cli",
+                    "ftdiloco.operate.cli",
                     "lighthouse",
                     "--groups",
                     str(groups),

@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from lighthouse import guard, protocol
+from ftwire import guard, protocol
 from lighthouse.history import HISTORY_CHARS
 
 log = structlog.get_logger(__name__)

@@ -2,7 +2,7 @@
 
 With ``FTDILOCO_LIGHTHOUSE=none`` (said explicitly; an unset variable is
 still an error) a script can pass :class:`StandaloneManager` where it would
-pass :class:`ftdiloco.manager.Manager`: ``DiLoCo`` and ``LocalSGD`` then run
+pass :class:`ftdiloco.coordination.manager.Manager`: ``DiLoCo`` and ``LocalSGD`` then run
 their outer step as usual, with this group as the only participant.  Every
 outer step commits, the exchange returns the group's own pseudo-gradient
 (the average over one participant), and nothing is sent anywhere -- the
@@ -24,15 +24,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ftdiloco.config import Config, ConfigError
-from ftdiloco.state import StateRegistry
+from ftdiloco.state.registry import StateRegistry
 
 if TYPE_CHECKING:
     import torch
 
-    from ftdiloco.allreduce import Work
-    from ftdiloco.compression import Codec
-    from ftdiloco.diloco import SyncReport
-    from ftdiloco.plan import QuorumPlan
+    from ftdiloco.coordination.allreduce import Work
+    from ftdiloco.coordination.plan import QuorumPlan
+    from ftdiloco.training.compression import Codec
+    from ftdiloco.training.diloco import SyncReport
 
 __all__ = ["StandaloneManager"]
 
@@ -43,7 +43,7 @@ STANDALONE_NOTE = (
 
 
 class StandaloneManager:
-    """Satisfies :class:`ftdiloco.diloco.OuterManager` for a group that is alone."""
+    """Satisfies :class:`ftdiloco.training.diloco.OuterManager` for a group that is alone."""
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
@@ -77,7 +77,7 @@ class StandaloneManager:
         self._states.register(name, save, load)
 
     def start_quorum(self) -> QuorumPlan | None:
-        from ftdiloco.plan import QuorumPlan
+        from ftdiloco.coordination.plan import QuorumPlan
 
         me = self.config.replica_id
         self._plan = QuorumPlan(
@@ -105,7 +105,7 @@ class StandaloneManager:
         residuals: Sequence[torch.Tensor | None] | None = None,
     ) -> Work:
         """The average over one participant: the tensors, unchanged; nothing is sent."""
-        from ftdiloco.allreduce import Work
+        from ftdiloco.coordination.allreduce import Work
 
         work = Work.done(True)
         work.nbytes = 0

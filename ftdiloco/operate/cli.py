@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lighthouse import logs
+from ftwire import logs
 
 if TYPE_CHECKING:
     from lighthouse.client import LighthouseClient
@@ -243,13 +243,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(_launch(parser, args, rest))
     if args.command in OPERATOR_COMMANDS:
         sys.exit(_operate(args))
-    from ftdiloco.launch import serve_lighthouse
+    from ftdiloco.operate.launch import serve_lighthouse
 
     sys.exit(serve_lighthouse(rest, args.groups, args.idle_exit, log_file=args.log_file))
 
 
 def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
-    from ftdiloco.launch import LaunchOptions, launch
+    from ftdiloco.operate.launch import LaunchOptions, launch
 
     try:
         options = LaunchOptions(

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lighthouse import guard, protocol
-from lighthouse.background import BackgroundLoop
+from ftwire import guard, protocol
+from ftwire.background import BackgroundLoop
 
 # Quorums remembered (losses seen, ranks waiting): ids change after every loss,
 # so only the last few can still be asked about.

@@ -3,7 +3,7 @@
 Heals recover a group from its live peers; a checkpoint covers what they cannot:
 every group stopped at once (a pre-empted job, a cluster move), or a run that
 must continue tomorrow.  What is saved is exactly what heals carry -- the
-tensors of :meth:`Manager.register_state <ftdiloco.manager.Manager.register_state>`,
+tensors of :meth:`Manager.register_state <ftdiloco.coordination.manager.Manager.register_state>`,
 named ``"state/key"`` -- plus the step and some run metadata.
 
 On disk, one directory per checkpoint::
@@ -45,7 +45,7 @@ import safetensors.torch
 import structlog
 import torch
 
-from ftdiloco.dtypes import SAFETENSORS_CODES
+from ftdiloco.state.dtypes import SAFETENSORS_CODES
 
 __all__ = [
     "CheckpointError",
@@ -69,7 +69,7 @@ CHECKSUM = "crc32"
 
 Layout = Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
 # The tensors to fill, or a function from the checkpoint's layout to them
-# (the same contract as ftdiloco.transport.Destination).
+# (the same contract as ftdiloco.state.heal.Destination).
 Destination = Mapping[str, torch.Tensor] | Callable[[Layout], Mapping[str, torch.Tensor]]
 
 _STEP_DIR = re.compile(r"step-(0|[1-9][0-9]*)")

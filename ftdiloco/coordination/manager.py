@@ -34,19 +34,19 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from torch._C._distributed_c10d import TCPStore
 
-from ftdiloco import process_group
-from ftdiloco.allreduce import Bucketer, Work, serially, start_thread
-from ftdiloco.checkpointing import GroupCheckpoints
-from ftdiloco.compression import Codec, compressed_allreduce
 from ftdiloco.config import Config
-from ftdiloco.group import GroupGather, contribute_remote
-from ftdiloco.lost_members import LostMembers
-from ftdiloco.metrics import GroupMetrics
-from ftdiloco.plan import DIRTY, QuorumPlan, plan_quorum
-from ftdiloco.state import StateLoad, StateRegistry, StateSave
-from ftdiloco.transport import HealError, StateServer, fetch_state
-from lighthouse import guard, protocol
-from lighthouse.background import BackgroundLoop
+from ftdiloco.coordination import process_group
+from ftdiloco.coordination.allreduce import Bucketer, Work, serially, start_thread
+from ftdiloco.coordination.group import GroupGather, contribute_remote
+from ftdiloco.coordination.lost_members import LostMembers
+from ftdiloco.coordination.metrics import GroupMetrics
+from ftdiloco.coordination.plan import DIRTY, QuorumPlan, plan_quorum
+from ftdiloco.state.group_checkpoints import GroupCheckpoints
+from ftdiloco.state.heal import HealError, StateServer, fetch_state
+from ftdiloco.state.registry import StateLoad, StateRegistry, StateSave
+from ftdiloco.training.compression import Codec, compressed_allreduce
+from ftwire import guard, protocol
+from ftwire.background import BackgroundLoop
 from lighthouse.client import AsyncLighthouseClient, LivenessLink
 from lighthouse.history import GENESIS, new_incarnation, next_history
 from lighthouse.quorum import Member, Quorum
@@ -67,7 +67,8 @@ class Manager:
         if cfg.standalone:
             raise ValueError(
                 "FTDILOCO_LIGHTHOUSE=none asks for standalone training: use"
-                " ftdiloco.standalone.StandaloneManager (as the example does), not a Manager"
+                " ftdiloco.coordination.standalone.StandaloneManager (as the example does),"
+                " not a Manager"
             )
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group_rank = cfg.rank
@@ -659,7 +660,7 @@ class Manager:
         work = Work(lambda: self._finish(future, work))
         return work
 
-    # -- durable checkpoints (ftdiloco.checkpointing) ---------------------------------------
+    # -- durable checkpoints (ftdiloco.state.group_checkpoints) ----------------------------
 
     @property
     def checkpoint_metadata(self) -> Callable[[], dict[str, Any]] | None:
@@ -708,7 +709,7 @@ class Manager:
         are further ahead still heal this one at the next quorum.  Returns
         False if there is nothing to resume from.
 
-        Raises :class:`~ftdiloco.checkpoint.CheckpointError` if the checkpoint
+        Raises :class:`~ftdiloco.state.checkpoint.CheckpointError` if the checkpoint
         does not fit the registered state (another model or optimizer):
         silently starting over would lose the run.  If the checkpoint holds
         tensors no state takes, that is found only after loading, so the

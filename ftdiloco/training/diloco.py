@@ -26,15 +26,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ftdiloco.allreduce import Work
-from ftdiloco.compression import Codec, get_codec
-from ftdiloco.plan import QuorumPlan
+from ftdiloco.coordination.allreduce import Work
+from ftdiloco.coordination.plan import QuorumPlan
+from ftdiloco.training.compression import Codec, get_codec
 
 
 class OuterManager(Protocol):
     """What DiLoCo and LocalSGD use of a manager.
 
-    :class:`ftdiloco.manager.Manager` is the real one; the simulator
+    :class:`ftdiloco.coordination.manager.Manager` is the real one; the simulator
     (:mod:`ftdiloco.sim`) passes an in-process one, so that simulated runs
     go through this module's outer step and not a copy of it.
     """
