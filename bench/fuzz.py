@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
 from ftwire import guard, protocol  # noqa: E402
+from ftwire.messages import Member  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
-from lighthouse.quorum import Member  # noqa: E402
 
 TOKEN = "bench-fuzz-token"
 AVAILABILITY = {(503, "group_round_failed"), (504, "timeout"), (503, "not_ready")}

@@ -72,8 +72,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
 from ftwire import protocol  # noqa: E402
+from ftwire.messages import Member  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
-from lighthouse.quorum import Member  # noqa: E402
 
 GOAL_P50_2_MS = 1.0
 GOAL_P99_256_MS = 10.0

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from lighthouse.history import HISTORY_CHARS
-from lighthouse.quorum import Fence, Member, Quorum
+from ftwire.history import HISTORY_CHARS
+from ftwire.messages import SETTINGS, Fence, Member, Quorum, SettingsChange
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
@@ -286,31 +286,8 @@ def encode_quorum(
 # -- live settings ----------------------------------------------------------------
 
 
-# A job's settings an operator may change while it runs, with what each may be.
-SETTINGS = ("outer_lr", "outer_momentum")
 # Changes one quorum carries at most (the one in effect and those decided after it).
 MAX_SETTINGS_CHANGES = 16
-
-
-@dataclass(frozen=True)
-class SettingsChange:
-    """The settings in effect from ``from_step`` on: an outer step taken by a quorum
-    at step ``from_step`` or later uses them (until a later change).
-
-    Values are complete (every setting ever given, the newest value of each);
-    None: never set, the training script's own value stands.
-    """
-
-    from_step: int
-    outer_lr: float | None = None
-    outer_momentum: float | None = None
-
-    def encode(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"from_step": self.from_step}
-        for name in SETTINGS:
-            if getattr(self, name) is not None:
-                fields[name] = getattr(self, name)
-        return fields
 
 
 def settings_values(message: Mapping[str, Any]) -> dict[str, float]:
@@ -355,29 +332,14 @@ def settings_at(changes: Sequence[SettingsChange], step: int) -> SettingsChange 
     return current
 
 
-@dataclass(frozen=True)
-class QuorumInfo:
-    """A quorum as a client receives it; ``created`` is unix time."""
-
-    quorum_id: int
-    members: tuple[Member, ...]
-    created: float
-    # Live settings (set-outer-lr): old lighthouses send none, old clients ignore them.
-    settings: tuple[SettingsChange, ...] = ()
-
-    @property
-    def replica_ids(self) -> tuple[str, ...]:
-        return tuple(m.replica_id for m in self.members)
-
-
-def decode_quorum(message: Mapping[str, Any]) -> QuorumInfo:
+def decode_quorum(message: Mapping[str, Any]) -> Quorum:
     members = read_field(message, "members", list)
     if not all(isinstance(m, dict) for m in members):
         raise ProtocolError("field 'members' must be a list of maps")
     created = read_field(message, "created", float)
     if not math.isfinite(created):
         raise ProtocolError("field 'created' must be finite")
-    return QuorumInfo(
+    return Quorum(
         quorum_id=read_field(message, "quorum_id", int),
         members=tuple(decode_member(m) for m in members),
         created=created,

@@ -3,6 +3,7 @@
 It imports no torch, so the daemon starts in well under a second.
 """
 
-from lighthouse.quorum import Member, Quorum, QuorumConfig, QuorumCore
+from ftwire.messages import Member, Quorum
+from lighthouse.quorum import QuorumConfig, QuorumCore
 
 __all__ = ["Member", "Quorum", "QuorumConfig", "QuorumCore"]

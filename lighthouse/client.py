@@ -41,8 +41,7 @@ from tenacity.stop import stop_base
 
 from ftwire import protocol
 from ftwire.background import BackgroundLoop
-from ftwire.protocol import QuorumInfo
-from lighthouse.quorum import Fence, Member
+from ftwire.messages import Fence, Member, Quorum
 
 __all__ = [
     "AsyncLighthouseClient",
@@ -245,7 +244,7 @@ class AsyncLighthouseClient:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def join(self, member: Member, timeout: float) -> QuorumInfo:
+    async def join(self, member: Member, timeout: float) -> Quorum:
         """Wait until a quorum forms and return it.
 
         Raises :class:`QuorumTimeout` when the lighthouse gives up after
@@ -254,7 +253,7 @@ class AsyncLighthouseClient:
         """
         deadline = time.monotonic() + timeout
 
-        async def attempt(address: str) -> QuorumInfo:
+        async def attempt(address: str) -> Quorum:
             # Each attempt asks for what is left, so a re-join still ends on time.
             remaining = max(deadline - time.monotonic(), 0.001)
             body = protocol.encode_join(member, remaining)
@@ -711,7 +710,7 @@ class LighthouseClient:
     ) -> None:
         self.close()
 
-    def join(self, member: Member, timeout: float) -> QuorumInfo:
+    def join(self, member: Member, timeout: float) -> Quorum:
         return self._run(self._client.join(member, timeout))
 
     def heartbeat(self, replica_id: str) -> None:

@@ -15,7 +15,7 @@ and stragglers are waited for until ``join_timeout`` has passed since the
 first join.
 
 On top of them, the rules that keep one history (DESIGN.md, I7; see
-:mod:`lighthouse.history` for what a history is):
+:mod:`ftwire.history` for what a history is):
 
 * **no fork while the newest history lives**: the core knows the newest
   committed step of every live replica (from its joins, its heartbeats and
@@ -41,12 +41,10 @@ On top of them, the rules that keep one history (DESIGN.md, I7; see
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
 
-from lighthouse.history import (
+from ftwire.history import (
     DIRTY,
     GENESIS,
     Reference,
@@ -55,6 +53,7 @@ from lighthouse.history import (
     next_history,
     reference,
 )
+from ftwire.messages import Fence, Member, Quorum
 
 # Sealed quorum ids remembered for late fences; a group fences within one
 # outer step of its quorum, so a few hundred covers any realistic lag.
@@ -74,39 +73,6 @@ class EvictionCause(str, Enum):
     RESTARTED = "restarted"
     # It closed its connection cleanly (its Manager was closed): it finished or left.
     LEFT = "left"
-
-
-@dataclass(frozen=True)
-class Member:
-    """What a replica group tells the lighthouse when it asks to join."""
-
-    replica_id: str
-    address: str = ""
-    store_address: str = ""
-    step: int = 0
-    world_size: int = 1
-    shrink_only: bool = False
-    commit_failures: int = 0
-    data: Mapping[str, Any] = field(default_factory=dict)
-    # Unique per process start ("" from clients that do not say).
-    incarnation: str = ""
-    # Digest of the committed history that led to ``step`` (lighthouse.history).
-    history: str = GENESIS
-    # NUM_REPLICA_GROUPS as the member knows it; 0: not known.
-    expected_groups: int = 0
-
-
-@dataclass(frozen=True)
-class Quorum:
-    """One quorum, identical for every member it is handed to."""
-
-    quorum_id: int
-    members: tuple[Member, ...]
-    created: float
-
-    @property
-    def replica_ids(self) -> tuple[str, ...]:
-        return tuple(m.replica_id for m in self.members)
 
 
 @dataclass(frozen=True)
@@ -141,14 +107,6 @@ class Discard:
             f"{who}'s {steps} discarded: no live group held them when quorum"
             f" {self.quorum_id} formed from step {self.continued_from_step}"
         )
-
-
-@dataclass(frozen=True)
-class Fence:
-    """The answer to a group that asks whether it may commit its quorum's step."""
-
-    commit: bool
-    reason: str
 
 
 @dataclass(frozen=True)

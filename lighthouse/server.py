@@ -35,16 +35,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ftwire import guard, protocol
+from ftwire.messages import SETTINGS, Member, Quorum
 from lighthouse.lease import Lease
-from lighthouse.quorum import (
-    Eviction,
-    EvictionCause,
-    Member,
-    Quorum,
-    QuorumConfig,
-    QuorumCore,
-    Update,
-)
+from lighthouse.quorum import Eviction, EvictionCause, QuorumConfig, QuorumCore, Update
 from lighthouse.settings import LiveSettings, quorum_step
 
 _log = structlog.get_logger()
@@ -835,9 +828,7 @@ class LighthouseServer:
         message = await guard.read_message(request, self.config.max_body_bytes)
         values = protocol.settings_values(message)
         if not values:
-            raise _HttpError(
-                400, "bad_request", f"give at least one of {', '.join(protocol.SETTINGS)}"
-            )
+            raise _HttpError(400, "bad_request", f"give at least one of {', '.join(SETTINGS)}")
         pending = self.settings.request(values)
         _log.warning("settings changed by operator", peer=request.remote, **pending)
         shown = ", ".join(f"{k} {v:g}" for k, v in sorted(pending.items()))

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftwire.protocol import MAX_SETTINGS_CHANGES, SETTINGS, SettingsChange, settings_at
-from lighthouse.history import reference
-from lighthouse.quorum import Quorum
+from ftwire.history import reference
+from ftwire.messages import SETTINGS, Quorum, SettingsChange
+from ftwire.protocol import MAX_SETTINGS_CHANGES, settings_at
 
 
 def quorum_step(quorum: Quorum) -> int:

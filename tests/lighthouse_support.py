@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from ftwire import protocol
-from lighthouse.quorum import Member
+from ftwire.messages import Member, Quorum
 from lighthouse.server import LighthouseServer, ServerConfig
 
 Answer = tuple[int, dict[str, Any]]
@@ -74,7 +74,7 @@ async def heartbeat(session: aiohttp.ClientSession, url: str, rid: str) -> Answe
     return await post(session, url, "/v1/heartbeat", protocol.encode_heartbeat(rid))
 
 
-def quorum_of(answer: Answer) -> protocol.QuorumInfo:
+def quorum_of(answer: Answer) -> Quorum:
     status, body = answer
     assert status == 200, body
     return protocol.decode_quorum(body["quorum"])

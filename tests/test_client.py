@@ -23,6 +23,7 @@ from yarl import URL
 
 from ftwire import protocol
 from ftwire.background import BackgroundLoop
+from ftwire.messages import Member, Quorum
 from lighthouse.client import (
     AsyncLighthouseClient,
     LighthouseClient,
@@ -34,7 +35,6 @@ from lighthouse.client import (
     RequestRejected,
     Unauthorized,
 )
-from lighthouse.quorum import Member, Quorum
 from lighthouse.server import LighthouseServer, ServerConfig
 
 RETRY_WARNING = "lighthouse request failed, retrying"

@@ -21,8 +21,8 @@ import pytest
 
 from ftwire import guard, protocol
 from ftwire.background import BackgroundLoop
+from ftwire.messages import Member
 from lighthouse.client import LighthouseClient
-from lighthouse.quorum import Member
 from lighthouse.server import LighthouseServer, ServerConfig
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ftdiloco.coordination.plan import plan_quorum
-from ftwire.protocol import QuorumInfo
-from lighthouse.history import GENESIS, next_history, reference
-from lighthouse.quorum import EvictionCause, Member, QuorumConfig, QuorumCore, Update
+from ftwire.history import GENESIS, next_history, reference
+from ftwire.messages import Member, Quorum
+from lighthouse.quorum import EvictionCause, QuorumConfig, QuorumCore, Update
 from tests.test_quorum import formed, join, not_formed
 
 
@@ -54,7 +54,7 @@ def test_a_group_that_trained_alone_is_waited_for_not_forked() -> None:
         assert "A holds committed step 2" in update.reason
     q3 = formed(join(core, "A", 9.0, step=2, history=h2))
     assert q3.replica_ids == ("A", "B", "C")
-    info = QuorumInfo(q3.quorum_id, q3.members, 0.0)
+    info = Quorum(q3.quorum_id, q3.members, 0.0)
     assert {rid: plan_quorum(info, rid, 0).heal for rid in "ABC"} == {
         "A": False,
         "B": True,

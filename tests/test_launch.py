@@ -38,9 +38,9 @@ from ftdiloco.operate.launch import (
     printable,
     process_tree,
 )
+from ftwire.messages import Member
 from lighthouse.cli import LISTENING, listening_url
 from lighthouse.client import LighthouseClient
-from lighthouse.quorum import Member
 from tests.procs import Proc, process_pool, start_lighthouse
 
 TINY = ["--", "--model-size", "tiny", "--sync-every", "10"]

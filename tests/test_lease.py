@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ftwire.messages import Member
 from lighthouse.client import AsyncLighthouseClient, LighthouseError
-from lighthouse.quorum import Member
 from tests.lighthouse_support import Lighthouses, join
 from tests.procs import process_pool, start_lighthouse
 

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from ftwire import guard, protocol
+from ftwire.messages import Member
 from lighthouse.client import AsyncLighthouseClient, Unauthorized
-from lighthouse.quorum import Member
 from tests.lighthouse_support import Lighthouses, eventually
 from tests.procs import Proc, process_pool
 

@@ -7,13 +7,12 @@ from collections import Counter
 import pytest
 
 from ftdiloco.coordination.plan import QuorumPlan, members_by_id, plan_quorum
-from ftwire.protocol import QuorumInfo
-from lighthouse.quorum import Member
+from ftwire.messages import Member, Quorum
 
 QUORUM_ID = 3
 
 
-def make_quorum(steps: dict[str, int], *, world_size: int = 1) -> QuorumInfo:
+def make_quorum(steps: dict[str, int], *, world_size: int = 1) -> Quorum:
     """Members in the dict's order (the join order), each with its own addresses."""
     members = tuple(
         Member(
@@ -25,7 +24,7 @@ def make_quorum(steps: dict[str, int], *, world_size: int = 1) -> QuorumInfo:
         )
         for rid, step in steps.items()
     )
-    return QuorumInfo(quorum_id=QUORUM_ID, members=members, created=0.0)
+    return Quorum(quorum_id=QUORUM_ID, members=members, created=0.0)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +187,7 @@ def test_store_is_first_up_to_date_members(
 
 def test_prefix_changes_with_quorum_id() -> None:
     quorum = make_quorum({"a": 0, "b": 0})
-    later = QuorumInfo(quorum_id=4, members=quorum.members, created=1.0)
+    later = Quorum(quorum_id=4, members=quorum.members, created=1.0)
     assert plan_quorum(quorum, "a", 0).store_prefix != plan_quorum(later, "a", 0).store_prefix
 
 
@@ -196,24 +195,24 @@ def test_prefix_changes_with_quorum_id() -> None:
     ("quorum", "replica_id", "group_rank", "match"),
     [
         (make_quorum({"a": 0, "b": 0}), "zz", 0, "'zz' is not in quorum 3 \\(members: a, b\\)"),
-        (QuorumInfo(1, (), 0.0), "a", 0, "members: none"),
+        (Quorum(1, (), 0.0), "a", 0, "members: none"),
         (make_quorum({"a": 0}), "a", -1, "group_rank must be >= 0"),
         (make_quorum({"a": 0}, world_size=2), "a", 2, "outside replica 'a'.s world size 2"),
         (
-            QuorumInfo(1, (Member("a"), Member("a")), 0.0),
+            Quorum(1, (Member("a"), Member("a")), 0.0),
             "a",
             0,
             "lists replica 'a' more than once",
         ),
         (
-            QuorumInfo(1, (Member("a", world_size=2), Member("b", world_size=1)), 0.0),
+            Quorum(1, (Member("a", world_size=2), Member("b", world_size=1)), 0.0),
             "a",
             0,
             "different world sizes \\(a=2, b=1\\)",
         ),
     ],
 )
-def test_bad_input_raises(quorum: QuorumInfo, replica_id: str, group_rank: int, match: str) -> None:
+def test_bad_input_raises(quorum: Quorum, replica_id: str, group_rank: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         plan_quorum(quorum, replica_id, group_rank)
 
@@ -242,12 +241,12 @@ def test_one_member_quorum() -> None:
     )
 
 
-def history_quorum(reports: dict[str, tuple[int, str]]) -> QuorumInfo:
+def history_quorum(reports: dict[str, tuple[int, str]]) -> Quorum:
     members = tuple(
         Member(replica_id=rid, step=step, history=history, store_address=f"{rid}:1")
         for rid, (step, history) in reports.items()
     )
-    return QuorumInfo(quorum_id=QUORUM_ID, members=members, created=0.0)
+    return Quorum(quorum_id=QUORUM_ID, members=members, created=0.0)
 
 
 @pytest.mark.parametrize(

@@ -18,15 +18,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from lighthouse.quorum import (
-    Eviction,
-    EvictionCause,
-    Member,
-    Quorum,
-    QuorumConfig,
-    QuorumCore,
-    Update,
-)
+from ftwire.messages import Member, Quorum
+from lighthouse.quorum import Eviction, EvictionCause, QuorumConfig, QuorumCore, Update
 
 # -- helpers ----------------------------------------------------------------------------------
 

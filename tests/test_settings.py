@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ftwire import protocol
-from ftwire.protocol import SettingsChange, settings_at
-from lighthouse.quorum import Member, Quorum
+from ftwire.messages import Member, Quorum, SettingsChange
+from ftwire.protocol import settings_at
 from lighthouse.settings import LiveSettings, quorum_step
 from tests.lighthouse_support import join, post, quorum_of
 
@@ -86,9 +86,9 @@ def test_the_plan_carries_the_settings_in_effect_at_its_step():
 
     members = (Member("a", step=6, history="h"), Member("b", step=6, history="h"))
     changes = (SettingsChange(4, outer_lr=0.5), SettingsChange(7, outer_lr=0.1))
-    info = protocol.QuorumInfo(1, members, 0.0, changes)
+    info = Quorum(1, members, 0.0, changes)
     assert plan_quorum(info, "a", 0).outer_settings == changes[0]
-    plain = protocol.QuorumInfo(1, members, 0.0)
+    plain = Quorum(1, members, 0.0)
     assert plan_quorum(plain, "a", 0).outer_settings is None
 
 

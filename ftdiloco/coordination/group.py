@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from ftwire import guard, protocol
-from lighthouse.history import HISTORY_CHARS
+from ftwire.history import HISTORY_CHARS
 
 log = structlog.get_logger(__name__)
 

@@ -47,9 +47,9 @@ from ftdiloco.state.registry import StateLoad, StateRegistry, StateSave
 from ftdiloco.training.compression import Codec, compressed_allreduce
 from ftwire import guard, protocol
 from ftwire.background import BackgroundLoop
+from ftwire.history import GENESIS, new_incarnation, next_history
+from ftwire.messages import Member, Quorum
 from lighthouse.client import AsyncLighthouseClient, LivenessLink
-from lighthouse.history import GENESIS, new_incarnation, next_history
-from lighthouse.quorum import Member, Quorum
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +125,7 @@ class Manager:
 
     @property
     def history(self) -> str:
-        """Identity of the committed history behind :attr:`step` (lighthouse.history)."""
+        """Identity of the committed history behind :attr:`step` (ftwire.history)."""
         return self._committed[1]
 
     @property

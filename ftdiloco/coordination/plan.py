@@ -1,6 +1,6 @@
 """What every member of a quorum works out from it, identically and without talking.
 
-The lighthouse hands the same :class:`~ftwire.protocol.QuorumInfo` to every
+The lighthouse hands the same :class:`~ftwire.Quorum` to every
 replica group.  Each rank of each group turns it into a :class:`QuorumPlan`
 with :func:`plan_quorum`: its rank among the participants, the step everyone
 will be at after healing, who must heal and from whom, and where to
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftwire.protocol import QuorumInfo, SettingsChange, settings_at
-from lighthouse.history import DIRTY, reference
-from lighthouse.quorum import Member
+from ftwire.history import DIRTY, reference
+from ftwire.messages import Member, Quorum, SettingsChange
+from ftwire.protocol import settings_at
 
 __all__ = ["DIRTY", "QuorumPlan", "members_by_id", "plan_quorum"]
 
@@ -38,7 +38,7 @@ class QuorumPlan:
     participants: tuple[str, ...]
     # Shared: the step every participant holds once healing is done.
     max_step: int
-    # Shared: the history of that state (lighthouse.history): a group at
+    # Shared: the history of that state (ftwire.history): a group at
     # max_step with another history is behind like any other.
     history: str
     # Shared: the groups whose committed state is the reference, sorted; they
@@ -60,7 +60,7 @@ class QuorumPlan:
     outer_settings: SettingsChange | None = None
 
 
-def members_by_id(quorum: QuorumInfo) -> dict[str, Member]:
+def members_by_id(quorum: Quorum) -> dict[str, Member]:
     """Index the quorum's members by replica id; a duplicate id is a broken quorum."""
     members: dict[str, Member] = {}
     for member in quorum.members:
@@ -73,7 +73,7 @@ def members_by_id(quorum: QuorumInfo) -> dict[str, Member]:
 
 
 def plan_quorum(
-    quorum: QuorumInfo, replica_id: str, group_rank: int, *, init_sync: bool = True
+    quorum: Quorum, replica_id: str, group_rank: int, *, init_sync: bool = True
 ) -> QuorumPlan:
     """Compute this group rank's plan for one outer step.
 
@@ -116,7 +116,7 @@ def plan_quorum(
 
     participants = tuple(sorted(members))
     # The state the quorum continues from, by the one rule of
-    # lighthouse.history: highest step, then the most common history.  A
+    # ftwire.history: highest step, then the most common history.  A
     # group whose heal failed half-way holds torn state at its old step: it
     # must heal, and must never be a donor, even if no one else is left.
     ref = reference(members.values())

@@ -35,8 +35,7 @@ import torch
 from ftdiloco.coordination.allreduce import Work
 from ftdiloco.coordination.plan import QuorumPlan, plan_quorum
 from ftdiloco.training.compression import Codec, compressed_allreduce
-from ftwire.protocol import QuorumInfo
-from lighthouse.quorum import Member
+from ftwire.messages import Member, Quorum
 
 if TYPE_CHECKING:
     from ftdiloco.training.diloco import SyncReport
@@ -126,7 +125,7 @@ class SimWorld:
         self._managers: dict[str, SimManager] = {}
         self._joined: dict[str, SimManager] = {}
         self._generation = 0
-        self._formed: dict[int, tuple[QuorumInfo, int]] = {}
+        self._formed: dict[int, tuple[Quorum, int]] = {}
         self._key = 0  # one per quorum formed: names its collectives and its fate
         self._quorum_id = -1
         self._previous: tuple[str, ...] = ()
@@ -157,7 +156,7 @@ class SimWorld:
 
     # -- quorum -------------------------------------------------------------------------
 
-    def join(self, manager: SimManager) -> tuple[QuorumInfo, int]:
+    def join(self, manager: SimManager) -> tuple[Quorum, int]:
         """Wait until every live worker has joined; the quorum and its key."""
         generation = self._generation
         self._joined[manager.replica_id] = manager
@@ -186,7 +185,7 @@ class SimWorld:
             self._doomed_workers -= set(ids)
             self.failed.add(key)
         self._formed[self._generation] = (
-            QuorumInfo(quorum_id=self._quorum_id, members=members, created=0.0),
+            Quorum(quorum_id=self._quorum_id, members=members, created=0.0),
             key,
         )
         self.quorums.append((key, ids))

@@ -29,7 +29,7 @@ from ftdiloco.state.checkpoint import (
     verify_checkpoint,
 )
 from ftdiloco.state.registry import StateRegistry
-from lighthouse.history import GENESIS
+from ftwire.history import GENESIS
 
 Round = Callable[[str, dict[str, Any]], dict[str, Any]]
 
