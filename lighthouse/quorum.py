@@ -12,7 +12,8 @@ habits carry over): only live replicas count; a fast path re-forms the
 previous quorum as soon as all of its members have joined again; otherwise
 ``min_replicas`` joiners and a strict majority of the live replicas are needed,
 and stragglers are waited for until ``join_timeout`` has passed since the
-first join.
+first join -- or less, if a joiner asked for a shorter grace
+(``Member.join_grace``: asynchronous DiLoCo does not wait for a slow group).
 
 On top of them, the rules that keep one history (DESIGN.md, I7; see
 :mod:`ftwire.history` for what a history is):
@@ -40,6 +41,7 @@ On top of them, the rules that keep one history (DESIGN.md, I7; see
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -190,6 +192,10 @@ class QuorumCore:
         # member holds something else (a thawed holder heals instead).
         self._abandoned: OrderedDict[str, None] = OrderedDict()
         self.discarded_steps = 0
+        # The shortest straggler grace (Member.join_grace) any joiner asked for
+        # since the last quorum formed; inf: none did.  A running minimum, so
+        # that no event scans the joiners for it.
+        self._grace = math.inf
 
     # -- read-only views for /status and metrics ------------------------------
 
@@ -246,6 +252,8 @@ class QuorumCore:
         evicted = self._see(rid, now, member.incarnation)
         earlier = self._joiners.get(rid)
         self._joiners[rid] = (member, earlier[1] if earlier is not None else now)
+        if member.join_grace is not None:
+            self._grace = min(self._grace, member.join_grace)
         self._prev_missing.discard(rid)
         if is_clean(member):
             self._know(rid, member.step, member.history)
@@ -464,13 +472,14 @@ class QuorumCore:
             if startup is not None:
                 return None, startup
         stragglers = joined < alive
-        if stragglers and waited < cfg.join_timeout:
+        patience = self._straggler_wait()
+        if stragglers and waited < patience:
             # Counted, not named: naming them costs O(replicas) on every
             # event, and /status lists who has not joined.
             return None, (
                 f"waiting: {summary}, {alive - joined} alive replicas have not joined;"
                 f" forming without them at the join timeout"
-                f" ({waited:.1f}/{cfg.join_timeout:g}s)"
+                f" ({waited:.1f}/{patience:g}s)"
             )
         candidates = self._candidates()
         if len(candidates) < cfg.min_replicas:
@@ -561,6 +570,8 @@ class QuorumCore:
         # Joiners left out (shrink_only) wait for the next quorum; its join
         # timeout counts from now, not from their first attempt.
         self._joiners = {rid: (m, now) for rid, (m, _) in self._joiners.items()}
+        graces = (m.join_grace for m, _ in self._joiners.values() if m.join_grace is not None)
+        self._grace = min(graces, default=math.inf)
         return quorum, self._abandon(quorum)
 
     @staticmethod
@@ -630,13 +641,24 @@ class QuorumCore:
                 return
             history = self._lineage[history][1]
 
+    def _straggler_wait(self) -> float:
+        """How long after the first join the core waits for live replicas that have not joined.
+
+        The join timeout, cut to the shortest grace a joiner asked for: a
+        group in asynchronous mode would rather commit without a straggler
+        (whose pseudo-gradient joins a later step) than idle for it.  A
+        joiner evicted before the quorum formed may still hold the minimum
+        until then; that only forms the quorum sooner, never later.
+        """
+        return min(self.config.join_timeout, self._grace)
+
     def _deadline(self, now: float) -> float | None:
         """The earliest time at which a tick could change anything."""
         times = []
         if self._last_seen:
             times.append(next(iter(self._last_seen.values())) + self.config.heartbeat_timeout)
         if self._joiners:
-            join_deadline = next(iter(self._joiners.values()))[1] + self.config.join_timeout
+            join_deadline = next(iter(self._joiners.values()))[1] + self._straggler_wait()
             grace = self._started + self.config.heartbeat_timeout
             if self._previous is None and grace > now:
                 times.append(grace)

@@ -361,6 +361,61 @@ def test_joiners_left_out_of_a_shrink_form_at_once_with_zero_join_timeout() -> N
     assert later.quorum_id == first.quorum_id + 1
 
 
+# -- join_grace: asynchronous DiLoCo's straggler window ------------------------------------------
+
+
+def test_join_grace_cuts_the_wait_for_a_straggler() -> None:
+    core = make_core(join_timeout=60.0, heartbeat_timeout=100.0)
+    first = form(core, ["a", "b", "c"], 0.0)
+    not_formed(join(core, "a", 1.0, join_grace=0.5))
+    update = not_formed(join(core, "b", 1.2, join_grace=0.5))
+    # Counted from the first join, like the join timeout it replaces.
+    assert update.deadline == 1.5
+    assert "0.5s" in update.reason
+    not_formed(core.tick(1.499))
+    update = core.tick(1.5)
+    assert formed(update).replica_ids == ("a", "b")
+    assert formed(update).quorum_id == first.quorum_id + 1
+    # The straggler is not evicted: it joins a later quorum.
+    assert "c" in core.last_seen()
+
+
+def test_the_smallest_grace_among_the_joiners_wins_and_none_means_the_join_timeout() -> None:
+    core = make_core(join_timeout=10.0, heartbeat_timeout=100.0)
+    form(core, ["a", "b", "c", "d"], 0.0)
+    not_formed(join(core, "a", 1.0))
+    assert not_formed(join(core, "b", 1.0, join_grace=3.0)).deadline == 4.0
+    assert not_formed(join(core, "c", 1.0, join_grace=2.0)).deadline == 3.0
+    assert formed(core.tick(3.0)).replica_ids == ("a", "b", "c")
+
+
+def test_a_grace_longer_than_the_join_timeout_changes_nothing() -> None:
+    core = make_core(join_timeout=2.0, heartbeat_timeout=100.0)
+    form(core, ["a", "b", "c"], 0.0)
+    not_formed(join(core, "a", 1.0, join_grace=30.0))
+    assert not_formed(join(core, "b", 1.0, join_grace=30.0)).deadline == 3.0
+
+
+def test_the_grace_of_one_formation_does_not_carry_into_the_next() -> None:
+    core = make_core(join_timeout=10.0, heartbeat_timeout=100.0)
+    form(core, ["a", "b", "c"], 0.0)
+    not_formed(join(core, "a", 1.0, join_grace=0.5))
+    not_formed(join(core, "b", 1.0))
+    formed(core.tick(1.5))
+    # The next formation's joiners ask for no grace: the join timeout applies again.
+    not_formed(join(core, "a", 2.0))
+    not_formed(join(core, "c", 2.0))
+    assert core.tick(2.0).deadline == 12.0
+
+
+def test_a_zero_grace_forms_with_whoever_joined_at_once() -> None:
+    core = make_core(min_replicas=2, join_timeout=60.0, heartbeat_timeout=100.0)
+    form(core, ["a", "b", "c"], 0.0)
+    not_formed(join(core, "a", 1.0, join_grace=0.0))
+    # min_replicas and the split-brain guard still hold: 2 of 3 is the first that may form.
+    assert formed(join(core, "b", 1.0, join_grace=0.0)).replica_ids == ("a", "b")
+
+
 # -- the two-group straggler ----------------------------------------------------------------------
 
 
