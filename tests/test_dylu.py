@@ -1,0 +1,164 @@
+"""The rules for groups of unequal speed (ftdiloco.training.hetero), checked without processes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ftdiloco.training.hetero import (
+    Contribution,
+    contribution_weights,
+    delayed_nesterov_,
+    local_steps,
+    momentum_due,
+    period_position,
+    real_steps_at,
+    staleness_discount,
+)
+
+# -- DyLU: H_w = max(1, floor(H v_w / v_max)) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("every", "rate", "fastest", "expected"),
+    [
+        (100, 10.0, 10.0, 100),  # the fastest group takes the full period
+        (100, 5.0, 10.0, 50),  # half the speed, half the steps
+        (100, 3.3, 10.0, 33),  # floor
+        (100, 0.001, 10.0, 1),  # never below one step
+        (7, 1.0, 3.0, 2),
+        (100, None, 10.0, 100),  # its first period: no rate measured yet
+        (100, 5.0, None, 100),
+        (100, 0.0, 10.0, 100),  # a rate of 0 is no measurement
+        (100, 12.0, 10.0, 100),  # a rate above the reported maximum never exceeds H
+    ],
+)
+def test_local_steps(every: int, rate: float | None, fastest: float | None, expected: int) -> None:
+    assert local_steps(every, rate, fastest) == expected
+
+
+def test_local_steps_leaves_every_fragment_a_step() -> None:
+    assert local_steps(100, 0.001, 10.0, minimum=4) == 4
+
+
+def test_groups_of_unequal_speed_arrive_together() -> None:
+    """Steps / rate is about the same for every group: nobody waits more than one step's time."""
+    rates = {"a": 10.0, "b": 9.0, "c": 5.0, "d": 2.5}
+    every = 200
+    seconds = {rid: local_steps(every, v, max(rates.values())) / v for rid, v in rates.items()}
+    slowest_step = 1 / min(rates.values())
+    assert max(seconds.values()) - min(seconds.values()) <= slowest_step
+
+
+# -- the schedule in units of the full period -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("every", "fragments"), [(e, f) for e in (1, 2, 5, 8, 12, 17) for f in (1, 2, 3, 4) if f <= e]
+)
+def test_period_position_walks_every_sync_point_exactly_once(every: int, fragments: int) -> None:
+    slots = {(k + 1) * every // fragments for k in range(fragments)}
+    for local in range(fragments, every + 1):
+        positions = [period_position(r, local, every, fragments) for r in range(local + 1)]
+        assert positions[0] == 0 and positions[-1] == every
+        assert all(b > a for a, b in itertools.pairwise(positions)), positions
+        # Every fragment's sync point is reached exactly, never strided over.
+        assert slots <= set(positions)
+        # At the full H the clock is the plain inner-step count.
+        if local == every:
+            assert positions == list(range(every + 1))
+        # A heal's sync point maps back onto the step that reaches it.
+        for r, position in enumerate(positions):
+            assert real_steps_at(position, local, every, fragments) == r
+
+
+def test_real_steps_at_a_position_between_two_steps_rounds_up() -> None:
+    assert [period_position(r, 2, 8) for r in range(3)] == [0, 4, 8]
+    assert real_steps_at(3, 2, 8) == 1
+    assert real_steps_at(5, 2, 8) == 2
+
+
+# -- weights: tokens x staleness discount ------------------------------------------------------
+
+
+def test_staleness_discount() -> None:
+    assert [staleness_discount(s) for s in range(4)] == [1.0, 0.5, 1 / 3, 0.25]
+    assert staleness_discount(-1) == 1.0
+
+
+def test_weights_are_proportional_to_tokens_and_sum_to_one() -> None:
+    weights = contribution_weights({"b": Contribution(50), "a": Contribution(100)})
+    assert weights == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    assert math.fsum(weights.values()) == pytest.approx(1.0)
+
+
+def test_a_stale_contribution_counts_less() -> None:
+    weights = contribution_weights(
+        {"a": Contribution(100), "b": Contribution(100), "c": Contribution(200, staleness=1)}
+    )
+    # c did twice the work, one step ago: it counts as much as a fresh group.
+    assert weights == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+
+
+def test_nothing_to_bring_gives_zero_weights() -> None:
+    assert contribution_weights({"a": Contribution(0), "b": Contribution(0)}) == {
+        "a": 0.0,
+        "b": 0.0,
+    }
+    assert contribution_weights({"a": Contribution(10), "b": Contribution(0)}) == {
+        "a": 1.0,
+        "b": 0.0,
+    }
+
+
+def test_weights_do_not_depend_on_the_order_groups_are_listed_in() -> None:
+    groups = {
+        rid: Contribution(tokens, s) for rid, tokens, s in [("a", 7, 0), ("b", 3, 2), ("c", 11, 1)]
+    }
+    expected = contribution_weights(groups)
+    for order in itertools.permutations(groups):
+        assert contribution_weights({rid: groups[rid] for rid in order}) == expected
+
+
+# -- delayed Nesterov --------------------------------------------------------------------------
+
+
+def test_momentum_due() -> None:
+    assert [momentum_due(c, 3) for c in range(5)] == [False, False, False, True, True]
+    assert momentum_due(1, 1)
+
+
+def _run_delayed(grads: list[torch.Tensor], contributions: list[int], every: int) -> torch.Tensor:
+    param = torch.ones(3, dtype=torch.float64)
+    momentum, pending = torch.zeros_like(param), torch.zeros_like(param)
+    count = steps = 0
+    for grad, n in zip(grads, contributions, strict=True):
+        count, steps = count + n, steps + 1
+        due = momentum_due(count, every)
+        delayed_nesterov_(param, grad, momentum, pending, steps=steps, due=due, lr=0.7, beta=0.9)
+        if due:
+            count = steps = 0
+    return param
+
+
+def test_delayed_nesterov_due_every_step_is_torch_nesterov_sgd() -> None:
+    torch.manual_seed(0)
+    grads = [torch.randn(3, dtype=torch.float64) for _ in range(6)]
+    param = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    sgd = torch.optim.SGD([param], lr=0.7, momentum=0.9, nesterov=True)
+    for grad in grads:
+        param.grad = grad.clone()
+        sgd.step()
+    assert torch.equal(_run_delayed(grads, [3] * 6, every=3), param.detach())
+
+
+def test_delayed_nesterov_steps_plainly_and_moves_the_momentum_with_the_mean() -> None:
+    g1, g2 = torch.full((3,), 1.0, dtype=torch.float64), torch.full((3,), 3.0, dtype=torch.float64)
+    # Two single contributions, every 2: a plain step, then the momentum takes their mean (2).
+    out = _run_delayed([g1, g2], [1, 1], every=2)
+    momentum = 2.0
+    expected = 1.0 - 0.7 * 1.0 - 0.7 * (3.0 + 0.9 * momentum)
+    assert torch.allclose(out, torch.full((3,), expected, dtype=torch.float64))
