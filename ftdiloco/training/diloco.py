@@ -18,10 +18,10 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -29,6 +29,17 @@ from torch import nn
 from ftdiloco.coordination.allreduce import Work
 from ftdiloco.coordination.plan import QuorumPlan
 from ftdiloco.training.compression import Codec, get_codec
+from ftdiloco.training.hetero import (
+    Contribution,
+    contribution_weights,
+    delayed_nesterov_,
+    local_steps,
+    momentum_due,
+    period_position,
+    real_steps_at,
+)
+
+MODES = ("sync", "async")
 
 
 class OuterManager(Protocol):
@@ -69,6 +80,29 @@ class OuterManager(Protocol):
     def report_sync(self, report: SyncReport) -> None: ...
 
 
+@runtime_checkable
+class PacedManager(Protocol):
+    """What DyLU and asynchronous DiLoCo use of a manager, beyond :class:`OuterManager`.
+
+    A group tells its peers its rate and its pseudo-gradient's worth with its
+    join (``plan.peer_info`` hands every group the same map back), and the
+    weighted allreduce sums ``tensors * weight`` over every participant.
+    """
+
+    def set_join_info(self, info: Mapping[str, int | float | str | bool]) -> None: ...
+
+    def set_join_grace(self, seconds: float | None) -> None: ...
+
+    def allreduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        weight: float | None = None,
+        codec: Codec | None = None,
+        residuals: Sequence[torch.Tensor | None] | None = None,
+    ) -> Work: ...
+
+
 @dataclass(frozen=True)
 class SyncReport:
     """What one outer step did, for the training script's log line."""
@@ -83,6 +117,11 @@ class SyncReport:
     waited: float
     hidden_fraction: float
     fragment: int = 0  # which fragment of the model it carried (streaming DiLoCo)
+    # Inner steps this group takes per outer period now (DyLU: H_w; else sync_every).
+    local_steps: int = 0
+    # Outer steps the global state moved since this group's pseudo-gradient
+    # started (asynchronous DiLoCo: it joined late and was merged, discounted).
+    staleness: int = 0
 
 
 def _flat_views(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -199,6 +238,8 @@ class _OuterLoop:
         waited: float | None,
         sent: int | None = None,
         fragment: int = 0,
+        local_steps: int | None = None,
+        staleness: int = 0,
     ) -> SyncReport:
         """``waited`` None: the sync ran on the training thread, which it blocked throughout."""
         plan = self.manager.plan
@@ -219,6 +260,8 @@ class _OuterLoop:
             # did not spend blocked on the network.
             hidden_fraction=max(0.0, 1.0 - waited / seconds) if seconds > 0 else 0.0,
             fragment=fragment,
+            local_steps=self.sync_every if local_steps is None else local_steps,
+            staleness=staleness,
         )
         self.manager.report_sync(self.last_sync)
         return self.last_sync
@@ -289,6 +332,19 @@ class DiLoCo(_OuterLoop):
     exchange -- runs on one sync thread, so the inner loop only pays for
     the pseudo-gradient at the start and the vote and outer step at the end.
     A heal that lands meanwhile reaches the live weights at the application.
+
+    Groups of unequal speed (:mod:`ftdiloco.training.hetero`): with ``dylu``
+    each group reports its inner-step rate with its join and takes
+    ``H_w = max(1, floor(sync_every * v_w / v_max))`` inner steps in the next
+    period, so all of them arrive together; pseudo-gradients are weighted by
+    the samples behind them (inner steps x ``tokens_per_step``).  With
+    ``mode="async"`` nobody waits for a straggler longer than ``grace``
+    seconds: the quorum commits with the groups that are ready, a late
+    group's pseudo-gradient joins a later step discounted by its staleness
+    (it heals to the current global weights in that step), and the outer
+    step is delayed Nesterov, the momentum moving every ``momentum_every``
+    contributions (the outer optimizer must be ``torch.optim.SGD``; its lr
+    and momentum are read from its param groups).
     """
 
     def __init__(
@@ -305,8 +361,30 @@ class DiLoCo(_OuterLoop):
         alpha: float = 0.0,
         compression: str = "fp32",
         error_feedback: bool = False,
+        dylu: bool = False,
+        mode: Literal["sync", "async"] = "sync",
+        grace: float = 1.0,
+        momentum_every: int = 1,
+        tokens_per_step: int = 1,
     ) -> None:
         super().__init__(manager, model, inner_optimizer, sync_every)
+        self._paced = _paced_manager(manager, dylu, mode)
+        self.dylu = dylu
+        self.asynchronous = mode == "async"
+        if not grace >= 0:
+            raise ValueError(f"grace must be >= 0 seconds, got {grace}")
+        if momentum_every < 1 or tokens_per_step < 1:
+            raise ValueError(
+                "momentum_every and tokens_per_step must be >= 1,"
+                f" got {momentum_every} and {tokens_per_step}"
+            )
+        if self.asynchronous and not isinstance(outer_optimizer, torch.optim.SGD):
+            raise ValueError(
+                "mode='async' steps the outer weights with delayed Nesterov, reading lr and"
+                f" momentum from a torch.optim.SGD; got {type(outer_optimizer).__name__}"
+            )
+        self.momentum_every = momentum_every
+        self.tokens_per_step = tokens_per_step
         # fp32 goes through the manager's plain (bucketed, in place) allreduce.
         self.codec = None if compression == "fp32" else get_codec(compression)
         if not 0 <= sync_delay < sync_every // fragments:
@@ -348,11 +426,33 @@ class DiLoCo(_OuterLoop):
         self._sync_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_background = False
         self._healed_sync_point: int | None = None
+        # The period in real inner steps: H_w now, and from the next period
+        # on (DyLU; both sync_every otherwise).  ``inner_steps`` stays in units
+        # of sync_every (see hetero.period_position), so that the slots, the
+        # sync delay and a heal's sync point mean the same on every group.
+        self.local_steps = self._next_local_steps = sync_every
+        self._period_start = 0
+        self._real_steps = 0
+        # Real inner steps since each fragment was last applied: what its
+        # pseudo-gradient is worth.
+        self._trip = [0] * len(self.fragments)
+        self._pace = _InnerRate()
+        # Of the exchange in flight (set on the sync thread before it ends):
+        # how many groups brought a pseudo-gradient, and how stale ours was.
+        self._contributors = 0
+        self._staleness = 0
+        # Delayed Nesterov per fragment: contributions and outer steps since
+        # its momentum last moved (healed and checkpointed with the state).
+        self._delayed = torch.zeros((len(self.fragments), 2), dtype=torch.int64)
+        if self._paced is not None and self.asynchronous:
+            self._paced.set_join_grace(grace)
         manager.register_state("diloco", self._save, self._load)
 
     def _save(self) -> dict[str, torch.Tensor]:
         state = {f"backup.{i}": b for i, b in enumerate(self.backup)}
         state["sync_point"] = self._sync_point
+        if self.asynchronous:
+            state["delayed"] = self._delayed
         state.update(optimizer_tensors("outer", self.outer_optimizer))
         if self.sync_delay == 0:
             # With a delay the inner loop runs on while a peer may be copying
@@ -370,6 +470,8 @@ class DiLoCo(_OuterLoop):
         """
         for i, b in enumerate(self.backup):
             b.copy_(state[f"backup.{i}"])
+        if self.asynchronous:
+            self._delayed.copy_(state["delayed"])
         load_optimizer_tensors("outer", self.outer_optimizer, state)
         if self.sync_delay == 0:
             load_optimizer_tensors("inner", self.inner_optimizer, state)
@@ -379,7 +481,14 @@ class DiLoCo(_OuterLoop):
             self._adopt_global_weights(int(state["sync_point"]))
 
     def _adopt_global_weights(self, inner_steps: int) -> None:
+        """Run on from the donors' weights, at their point of the schedule."""
         self.inner_steps = inner_steps
+        position = inner_steps % self.sync_every
+        self._period_start = inner_steps - position
+        self._real_steps = real_steps_at(
+            position, self.local_steps, self.sync_every, len(self.fragments)
+        )
+        self._trip = [0] * len(self.fragments)
         for fragment in self.fragments:
             _copy_all(fragment.params, fragment.backup)
             for residual in fragment.residuals:
@@ -401,14 +510,31 @@ class DiLoCo(_OuterLoop):
             super().__exit__(*exc)
 
     def _after_inner_step(self, *_: object) -> None:
-        self.inner_steps += 1
+        self._pace.stopped()
+        self._advance()
         flight = self.in_flight
-        if flight is not None and flight.started_at + self.sync_delay == self.inner_steps:
+        if flight is not None and self.inner_steps >= flight.started_at + self.sync_delay:
             self._apply()
         if self.inner_steps % self.sync_every in self.slots:
             self._start(now=self.sync_delay == 0)
             if self.sync_delay == 0:
                 self._apply()
+        self._pace.resumed()
+
+    def _advance(self) -> None:
+        """One real inner step: move along the period, in units of sync_every.
+
+        At full speed that is one unit; a group that takes H_w < sync_every
+        steps (DyLU) strides further, reaching every sync point exactly.
+        """
+        self._real_steps += 1
+        self._trip = [n + 1 for n in self._trip]
+        self.inner_steps = self._period_start + period_position(
+            self._real_steps, self.local_steps, self.sync_every, len(self.fragments)
+        )
+        if self._real_steps >= self.local_steps:
+            self._period_start, self._real_steps = self.inner_steps, 0
+            self.local_steps = self._next_local_steps
 
     def sync(self) -> SyncReport:
         """Finish the sync in flight and sync every other fragment, now (at the end of training)."""
@@ -424,11 +550,13 @@ class DiLoCo(_OuterLoop):
 
     def _catch_up(self) -> None:
         started = time.perf_counter()
+        self._tell_peers(self.fragments[self.manager.step % len(self.fragments)])
         self._join()
         # A heal moved inner_steps to the donors' sync point: sync when they sync.
         if self.inner_steps % self.sync_every in self.slots:
             self._start(now=True, joined_at=started)
             self._apply(skip_empty=True)
+        self._pace.resumed()
 
     def _start(self, *, now: bool, joined_at: float | None = None) -> None:
         """Take a pseudo-gradient and send it, on this thread or on the sync thread.
@@ -449,6 +577,7 @@ class DiLoCo(_OuterLoop):
         if joined_at is None:
             # What a heal from us carries: the inner step this sync started at.
             self._sync_point.fill_(self.inner_steps)
+            self._tell_peers(fragment)
         join = joined_at is None
         if now:
             done: concurrent.futures.Future[tuple[Work, _Fragment]] = concurrent.futures.Future()
@@ -475,11 +604,55 @@ class DiLoCo(_OuterLoop):
         plan = self.manager.plan
         if plan is not None and plan.heal:
             fragment = self.fragments[plan.max_step % len(self.fragments)]
-        work = self.manager.allreduce(
-            fragment.flats, codec=self.codec, residuals=fragment.residuals or None
-        )
+        residuals = fragment.residuals or None
+        if self._paced is not None and plan is not None:
+            weight = self._weigh(plan)
+            work = self._paced.allreduce(
+                fragment.flats, weight=weight, codec=self.codec, residuals=residuals
+            )
+        else:
+            work = self.manager.allreduce(fragment.flats, codec=self.codec, residuals=residuals)
         work.wait()
         return work, fragment
+
+    def _tell_peers(self, fragment: _Fragment) -> None:
+        """What this group's next join tells the others: rate, H_w, its pseudo-gradient's worth."""
+        if self._paced is None:
+            return
+        rate = self._pace.take()
+        self._paced.set_join_info(
+            {
+                "rate": rate if rate is not None else 0.0,
+                "h": self.local_steps,
+                "tokens": self._trip[fragment.index] * self.tokens_per_step,
+                "step": self.manager.step,
+            }
+        )
+
+    def _weigh(self, plan: QuorumPlan) -> float:
+        """This group's weight in the outer step, from what every participant said (I1).
+
+        Synchronously a group that heals brings nothing (its pseudo-gradient
+        was taken against a state the quorum has left).  Asynchronously a
+        group behind brings its pseudo-gradient, discounted by its staleness,
+        if it is of the fragment this step carries.
+        """
+        fragments = len(self.fragments)
+        contributions = {}
+        for rid in plan.participants:
+            info = plan.peer_info.get(rid, {})
+            step = int(info.get("step", plan.max_step))
+            tokens = float(info.get("tokens", 0.0))
+            behind = plan.max_step - step
+            if rid in plan.recovering and not (
+                self.asynchronous and behind > 0 and step % fragments == plan.max_step % fragments
+            ):
+                tokens = 0.0
+            contributions[rid] = Contribution(tokens, behind)
+        weights = contribution_weights(contributions)
+        self._contributors = sum(1 for w in weights.values() if w > 0)
+        self._staleness = contributions[plan.replica_id].staleness
+        return weights[plan.replica_id]
 
     def _apply(self, skip_empty: bool = False) -> None:
         """Wait for the sync in flight; commit and step its fragment, or roll it back.
@@ -504,6 +677,10 @@ class DiLoCo(_OuterLoop):
             # A heal on the sync thread: run on from the donors' weights and schedule.
             healed, self._healed_sync_point = self._healed_sync_point, None
             self._adopt_global_weights(healed + self.inner_steps - flight.started_at)
+        self._trip[fragment.index] = 0
+        plan = self.manager.plan
+        if self.dylu and plan is not None:
+            self._plan_local_steps(plan)
         local = [p.detach().clone() for p in fragment.params] if self.alpha > 0 else None
         _copy_all(fragment.params, fragment.backup)
         committed = self.manager.should_commit()
@@ -518,8 +695,29 @@ class DiLoCo(_OuterLoop):
         if not committed:
             for residual in fragment.residuals:
                 residual.zero_()  # it held the error of a pseudo-gradient now discarded
-        self._report(flight.started, committed, fragment.flats, waited, work.nbytes, fragment.index)
+        self._report(
+            flight.started,
+            committed,
+            fragment.flats,
+            waited,
+            work.nbytes,
+            fragment.index,
+            local_steps=self.local_steps,
+            staleness=self._staleness,
+        )
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
+
+    def _plan_local_steps(self, plan: QuorumPlan) -> None:
+        """DyLU: H_w for the next period from the rates every group reported (now, at its start)."""
+        rates = {rid: float(info.get("rate", 0.0)) for rid, info in plan.peer_info.items()}
+        self._next_local_steps = local_steps(
+            self.sync_every,
+            rates.get(plan.replica_id),
+            max(rates.values(), default=0.0),
+            minimum=len(self.fragments),
+        )
+        if self._real_steps == 0:
+            self.local_steps = self._next_local_steps
 
     def _apply_settings(self) -> None:
         """The live settings of this step's quorum (set-outer-lr), on every param group.
@@ -539,6 +737,9 @@ class DiLoCo(_OuterLoop):
 
     def _outer_step(self, fragment: _Fragment) -> None:
         """Outer optimizer on this fragment only: the others' grads are hidden from it."""
+        if self.asynchronous:
+            self._delayed_nesterov(fragment)
+            return
         saved = [p.grad for p in self.params]
         mine = {id(p) for p in fragment.params}
         for p in self.params:
@@ -552,6 +753,82 @@ class DiLoCo(_OuterLoop):
             p.grad = g
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+    def _delayed_nesterov(self, fragment: _Fragment) -> None:
+        """Asynchronous mode's outer step (hetero.delayed_nesterov_) on this fragment.
+
+        The momentum and the pending sum live in the outer optimizer's state,
+        so heals and checkpoints carry them like any optimizer state.
+        """
+        counts = self._delayed[fragment.index]
+        counts += torch.tensor([self._contributors, 1])
+        due = momentum_due(int(counts[0]), self.momentum_every)
+        groups = {id(p): g for g in self.outer_optimizer.param_groups for p in g["params"]}
+        for p, pseudo in zip(fragment.params, fragment.pseudo, strict=True):
+            state = self.outer_optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            if "delayed_sum" not in state:
+                state["delayed_sum"] = torch.zeros_like(p)
+            group = groups[id(p)]
+            delayed_nesterov_(
+                p,
+                pseudo,
+                state["momentum_buffer"],
+                state["delayed_sum"],
+                steps=int(counts[1]),
+                due=due,
+                lr=float(group["lr"]),
+                beta=float(group["momentum"]),
+            )
+        if due:
+            counts.zero_()
+        _copy_all(fragment.backup, fragment.params)
+
+
+class _InnerRate:
+    """This group's inner steps per second of its own work, the syncs left out.
+
+    The hook marks when the training loop got control back and when its next
+    inner step ended; the time between is the loop's own (forward, backward,
+    data, any pacing), the time inside the hook is the outer step's.
+    """
+
+    def __init__(self) -> None:
+        self._resumed: float | None = None
+        self._steps = 0
+        self._seconds = 0.0
+
+    def resumed(self) -> None:
+        self._resumed = time.perf_counter()
+
+    def stopped(self) -> None:
+        if self._resumed is not None:
+            self._steps += 1
+            self._seconds += time.perf_counter() - self._resumed
+            self._resumed = None
+
+    def take(self) -> float | None:
+        """Steps per second since the last take (None: nothing measured), and start anew."""
+        rate = self._steps / self._seconds if self._steps and self._seconds > 0 else None
+        if rate is not None:
+            self._steps, self._seconds = 0, 0.0
+        return rate
+
+
+def _paced_manager(manager: OuterManager, dylu: bool, mode: str) -> PacedManager | None:
+    """The manager as a PacedManager where DyLU or async mode need one; bad settings raise."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not dylu and mode == "sync":
+        return None
+    if not isinstance(manager, PacedManager):
+        raise ValueError(
+            f"dylu and mode='async' need a manager that tells its peers its rate"
+            f" (set_join_info, set_join_grace, a weighted allreduce); {type(manager).__name__}"
+            " has none"
+        )
+    return manager
 
 
 def _copy_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
