@@ -72,7 +72,13 @@ ENV_VARS: dict[str, str] = {
     "init_sync": "FTDILOCO_INIT_SYNC",
     "checkpoint_dir": "FTDILOCO_CHECKPOINT_DIR",
     "checkpoint_every": "FTDILOCO_CHECKPOINT_EVERY",
+    "dylu": "FTDILOCO_DYLU",
+    "mode": "FTDILOCO_MODE",
+    "async_grace": "FTDILOCO_ASYNC_GRACE",
+    "momentum_every": "FTDILOCO_MOMENTUM_EVERY",
 }
+# FTDILOCO_MODE: every group waits for the others (sync) or only for a grace window (async).
+MODES = ("sync", "async")
 LIGHTHOUSE_ALIAS = "TORCHFT_LIGHTHOUSE"
 TOKEN_FILE = "FTDILOCO_TOKEN_FILE"
 # FTDILOCO_LIGHTHOUSE=none: train as one group, without a lighthouse.
@@ -158,6 +164,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "init_sync": _parse_bool,
     "checkpoint_dir": _parse_path,
     "checkpoint_every": _parse_int,
+    "dylu": _parse_bool,
+    "mode": _parse_str,
+    "async_grace": _parse_float,
+    "momentum_every": _parse_int,
 }
 
 
@@ -318,6 +328,14 @@ class Config:
     checkpoint_every: int | None = None
     # FTDILOCO_LIGHTHOUSE=none: one group, no lighthouse (``lighthouse`` is then empty).
     standalone: bool = False
+    # Groups of unequal speed (ftdiloco.training.hetero): dynamic local updates;
+    # sync or async outer steps; how long an async quorum waits for a
+    # straggler (s); delayed Nesterov's momentum every N contributions (None:
+    # NUM_REPLICA_GROUPS, else 1).
+    dylu: bool = False
+    mode: str = "sync"
+    async_grace: float = 1.0
+    momentum_every: int | None = None
 
     def __post_init__(self) -> None:
         _check("rank", self.rank, self.rank >= 0, "must be >= 0")
@@ -377,6 +395,23 @@ class Config:
             seconds = getattr(self, name)
             # Every deadline must be finite: an infinite one is a hang (I3).
             _check(name, seconds, math.isfinite(seconds) and seconds > 0, "must be > 0 seconds")
+        _check("mode", self.mode, self.mode in MODES, f"must be one of {', '.join(MODES)}")
+        _check(
+            "async_grace",
+            self.async_grace,
+            math.isfinite(self.async_grace) and self.async_grace >= 0,
+            "must be >= 0 seconds",
+        )
+        # A grace past the collective deadline would let a straggler hold the
+        # others longer than any wait the job allows (I3).
+        _check(
+            "async_grace",
+            self.async_grace,
+            self.mode == "sync" or self.async_grace < self.collective_timeout,
+            f"must be shorter than the collective timeout ({self.collective_timeout:g}s)",
+        )
+        if self.momentum_every is not None:
+            _check("momentum_every", self.momentum_every, self.momentum_every >= 1, "must be >= 1")
         if self.checkpoint_dir is not None:
             _check(
                 "checkpoint_dir", self.checkpoint_dir, str(self.checkpoint_dir) != "", "is empty"

@@ -390,6 +390,50 @@ def test_invalid_checkpoint_settings_are_named(
         Config.from_env({**LH, **env}, **overrides)
 
 
+# -- groups of unequal speed: DyLU and async --------------------------------------------
+
+
+def test_unequal_speed_settings() -> None:
+    config = Config.from_env({**LH})
+    assert (config.dylu, config.mode, config.async_grace, config.momentum_every) == (
+        False,
+        "sync",
+        1.0,
+        None,
+    )
+    env = {
+        "FTDILOCO_DYLU": "1",
+        "FTDILOCO_MODE": "async",
+        "FTDILOCO_ASYNC_GRACE": "2.5",
+        "FTDILOCO_MOMENTUM_EVERY": "3",
+    }
+    config = Config.from_env({**LH, **env})
+    assert (config.dylu, config.mode, config.async_grace, config.momentum_every) == (
+        True,
+        "async",
+        2.5,
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"FTDILOCO_MODE": "eventual"}, "FTDILOCO_MODE='eventual' must be one of sync, async"),
+        ({"FTDILOCO_DYLU": "maybe"}, "FTDILOCO_DYLU='maybe' is not a boolean"),
+        ({"FTDILOCO_ASYNC_GRACE": "-1"}, "FTDILOCO_ASYNC_GRACE=-1.0 must be >= 0 seconds"),
+        ({"FTDILOCO_MOMENTUM_EVERY": "0"}, "FTDILOCO_MOMENTUM_EVERY=0 must be >= 1"),
+        (
+            {"FTDILOCO_MODE": "async", "FTDILOCO_ASYNC_GRACE": "30", "FTDILOCO_TIMEOUT": "20"},
+            "FTDILOCO_ASYNC_GRACE=30.0 must be shorter than the collective timeout \\(20s\\)",
+        ),
+    ],
+)
+def test_bad_unequal_speed_settings_are_named(env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Config.from_env({**LH, **env})
+
+
 # -- standalone: FTDILOCO_LIGHTHOUSE=none ------------------------------------------------
 
 
