@@ -134,6 +134,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="length of the text sample printed at the end; 0: none (%(default)s)",
     )
     parser.add_argument(
+        "--dylu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dynamic local updates: slower groups take fewer inner steps per outer step "
+        "(default: FTDILOCO_DYLU)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        help="async: commit without a group later than the grace window; its pseudo-gradient "
+        "joins a later step (default: FTDILOCO_MODE, else sync)",
+    )
+    parser.add_argument(
+        "--slowdown",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="sleep S seconds after every inner step: a slower machine, for trying DyLU and "
+        "async (%(default)s)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint in the checkpoint directory",
@@ -141,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sample_bytes < 0:
         parser.error("--sample-bytes must be >= 0")
+    if not args.slowdown >= 0:
+        parser.error("--slowdown must be >= 0")
     for name in (
         "outer_steps",
         "sync_every",
@@ -153,6 +176,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def speed_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--dylu and --mode as Config fields; flags win over the environment."""
+    overrides: dict[str, Any] = {}
+    if args.dylu is not None:
+        overrides["dylu"] = args.dylu
+    if args.mode is not None:
+        overrides["mode"] = args.mode
+    return overrides
 
 
 def checkpoint_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,15 +346,20 @@ def sample_text(model: GPT, prompt: bytes, length: int, seed: int = 0) -> str:
     return "".join({"\n": "\\n", "\t": "\\t"}.get(c, c if c.isprintable() else "?") for c in text)
 
 
-def sync_line(report: SyncReport, loss: float, eval_loss: float | None = None) -> str:
+def sync_line(
+    report: SyncReport, loss: float, eval_loss: float | None = None, *, paced: bool = False
+) -> str:
+    """The outer-step line; ``paced`` (DyLU or async) adds this group's H and staleness."""
     outcome = "committed" if report.committed else "rolled back"
     healed = " | healed" if report.healed else ""
     evaluated = "" if eval_loss is None else f" | eval {eval_loss:.3f}"
+    pace = f"H {report.local_steps}, stale {report.staleness} | " if paced else ""
     return (
         f"outer step {report.step} | loss {loss:.3f}{evaluated} | "
         f"participants {report.participants} | "
         f"sync {report.seconds:.3f}s | sent {report.bytes_sent / 1e6:.1f} MB | "
-        f"waited {report.waited:.3f}s, {report.hidden_fraction:.0%} hidden | {outcome}{healed}"
+        f"waited {report.waited:.3f}s, {report.hidden_fraction:.0%} hidden | "
+        f"{pace}{outcome}{healed}"
     )
 
 
@@ -352,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     # Read (and validate) the environment before building anything.
     # A bad setting is one line naming the variable, not a traceback.
     with exit_on_config_error(PROGRAM):
-        config = Config.from_env(**checkpoint_overrides(args))
+        config = Config.from_env(**checkpoint_overrides(args), **speed_overrides(args))
     if args.resume and config.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir (or FTDILOCO_CHECKPOINT_DIR)")
     if config.standalone and config.checkpoint_dir is not None:
@@ -389,7 +427,19 @@ def main(argv: list[str] | None = None) -> int:
     manager: Manager | StandaloneManager
     manager = StandaloneManager(config) if config.standalone else Manager(config)
     with manager:
-        diloco = DiLoCo(manager, model, inner_opt, outer_opt, sync_every=args.sync_every)
+        paced = config.dylu or config.mode == "async"
+        diloco = DiLoCo(
+            manager,
+            model,
+            inner_opt,
+            outer_opt,
+            sync_every=args.sync_every,
+            dylu=config.dylu,
+            mode="async" if config.mode == "async" else "sync",
+            grace=config.async_grace,
+            momentum_every=config.momentum_every or config.num_replica_groups or 1,
+            tokens_per_step=args.batch_size * model.config.block_size * config.world_size,
+        )
         sampler = loader.sampler
         assert isinstance(sampler, ShardSampler)
         if isinstance(manager, Manager):
@@ -422,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                 inner_opt.step()  # every sync_every-th step also runs the outer step
                 inner_opt.zero_grad(set_to_none=True)
                 inner_steps += 1
+                if args.slowdown:
+                    time.sleep(args.slowdown)  # a slower machine, on purpose (--slowdown)
                 losses.append(loss.item())
 
                 report = diloco.last_sync
@@ -437,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(manager, Manager):  # exported on the manager port's /metrics
                         manager.report_loss(last_loss, eval_loss=evaluated)
                     if leader:
-                        print(sync_line(report, last_loss, evaluated), flush=True)
+                        print(sync_line(report, last_loss, evaluated, paced=paced), flush=True)
                 else:
                     progress.show(f"inner step {len(losses)}/{args.sync_every}")
                 if manager.step >= args.outer_steps:
