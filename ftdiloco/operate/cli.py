@@ -89,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
         help="groups needed for a quorum and a commit (default 2; at most --groups)",
     )
     add(
+        "--dylu",
+        action="store_true",
+        help="dynamic local updates: slower groups take fewer inner steps (FTDILOCO_DYLU=1)",
+    )
+    add(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="async: commit without a late group, merge its pseudo-gradient later (FTDILOCO_MODE)",
+    )
+    add(
         "--kill-every",
         type=_positive(float),
         metavar="SECONDS",
@@ -256,6 +267,8 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
             groups=args.groups,
             nproc_per_node=args.nproc_per_node,
             min_replicas=args.min_replicas,
+            dylu=args.dylu,
+            mode=args.mode,
             kill_every=args.kill_every,
             duration=args.duration,
             outer_steps=args.outer_steps,

@@ -38,6 +38,9 @@ class LaunchOptions:
     groups: int = 3
     nproc_per_node: int = 1
     min_replicas: int = 2
+    # Groups of unequal speed: FTDILOCO_DYLU and FTDILOCO_MODE for every group.
+    dylu: bool = False
+    mode: str = "sync"
     kill_every: float | None = None
     duration: float | None = None
     outer_steps: int | None = None
@@ -245,6 +248,8 @@ class _Launcher:
         env = dict(os.environ)
         env["FTDILOCO_TIMEOUT"] = f"{o.timeout:g}"
         env["FTDILOCO_MIN_REPLICAS"] = str(o.min_replicas)
+        env["FTDILOCO_DYLU"] = "1" if o.dylu else "0"
+        env["FTDILOCO_MODE"] = o.mode
         env["NUM_REPLICA_GROUPS"] = str(o.groups)
         env.setdefault("FTDILOCO_HOST", "127.0.0.1")
         # One CPU thread per process or so: more only fight over the cores.
