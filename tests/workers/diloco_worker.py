@@ -26,6 +26,8 @@ FTDILOCO_*), plus test-only knobs, each injecting exactly the fault it names:
                    before the first quorum (so a test can start groups together)
   WORKER_FRAGMENTS, WORKER_SYNC_DELAY, WORKER_COMPRESSION  streaming DiLoCo settings
   WORKER_INNER_SLEEP  seconds each inner step also takes (a paced job, for benchmarks)
+  WORKER_DYLU, WORKER_MODE  DiLoCo(dylu=True) and DiLoCo(mode="async") (grace 0.3 s,
+                   momentum every 2 contributions); records then carry local_steps and staleness
 
 Every cross-group collective is traced from inside the process group the
 manager builds (``ftdiloco.coordination.process_group.connect`` is wrapped): once the real
@@ -190,7 +192,18 @@ def main() -> None:
         "compression": os.environ.get("WORKER_COMPRESSION", "fp32"),
         "error_feedback": bool(os.environ.get("WORKER_COMPRESSION")),
     }
-    diloco = DiLoCo(manager, model, inner, outer, sync_every=4, **streaming)
+    diloco = DiLoCo(
+        manager,
+        model,
+        inner,
+        outer,
+        sync_every=4,
+        **streaming,
+        dylu=bool(os.environ.get("WORKER_DYLU")),
+        mode="async" if os.environ.get("WORKER_MODE") == "async" else "sync",
+        grace=0.3,
+        momentum_every=2,
+    )
     if os.environ.get("WORKER_RESUME"):  # before entering: the first outer step needs it
         step = manager.step if manager.resume() else -1
         pairs = zip(diloco.params, diloco.backup, strict=True)
@@ -224,6 +237,8 @@ def main() -> None:
             "healed": report.healed,
             "bytes_sent": report.bytes_sent,
             "fragment": report.fragment,
+            "local_steps": report.local_steps,
+            "staleness": report.staleness,
             # The outer optimizer's settings after this step (set-outer-lr changes them).
             "outer_lr": outer.param_groups[0]["lr"],
             "outer_momentum": outer.param_groups[0]["momentum"],
