@@ -21,7 +21,7 @@ import structlog
 from ftwire import logs
 
 if TYPE_CHECKING:
-    from lighthouse.server import LighthouseServer
+    from lighthouse.server import LighthouseServer, ServerConfig
 
 TOKEN_ENV = "FTDILOCO_TOKEN"
 DEFAULT_BIND = "0.0.0.0:29510"
@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
         " this lighthouse always serves)",
     )
     add(
+        "--rooms",
+        metavar="NAMES",
+        help="comma-separated names of extra quorums this daemon serves besides the default"
+        " one, each at /rooms/NAME (the stages of a DiLoCo-SWARM job, or several jobs;"
+        " lighthouse.rooms)",
+    )
+    add(
         "--token-file",
         "--token_file",
         metavar="PATH",
@@ -177,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     token = _token(parser, args.token_file)
     # Imported after the flags are checked, so that mistakes are answered without loading aiohttp.
-    from lighthouse.server import LighthouseServer, ServerConfig
+    from lighthouse.server import ServerConfig
 
     host, port = args.bind
     config = ServerConfig(
@@ -189,7 +196,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         lease=args.lease,
     )
     logs.configure(args.log_format)
-    sys.exit(asyncio.run(_serve(LighthouseServer(config), host, port)))
+    sys.exit(asyncio.run(_serve(_daemon(parser, config, args.rooms), host, port)))
+
+
+def _daemon(
+    parser: argparse.ArgumentParser, config: ServerConfig, rooms: str | None
+) -> LighthouseServer:
+    """The plain daemon, or with ``--rooms`` the one that also serves named rooms."""
+    from lighthouse.server import LighthouseServer
+
+    if rooms is None:
+        return LighthouseServer(config)
+    from lighthouse.rooms import RoomsLighthouse, parse_rooms
+
+    try:
+        return RoomsLighthouse(config, parse_rooms(rooms))
+    except ValueError as e:
+        parser.error(f"--rooms: {e}")
 
 
 if __name__ == "__main__":

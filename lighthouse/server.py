@@ -299,26 +299,11 @@ class LighthouseServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on host:port (0: any free port) and return the URL actually bound."""
-        self._loop = asyncio.get_running_loop()
         sock = _bind(host, port)  # first: a busy port leaves nothing to clean up
-        self._fresh_core()
-        self._dashboard = (
-            importlib.resources.files("lighthouse").joinpath("dashboard.html").read_bytes()
-        )
         app = web.Application(
             client_max_size=self.config.max_body_bytes, middlewares=[guard.middleware]
         )
-        app.router.add_post("/v1/join", self._join)
-        app.router.add_post("/v1/heartbeat", self._heartbeat)
-        app.router.add_post("/v1/fence", self._fence)
-        app.router.add_get("/v1/ws", self._websocket)
-        app.router.add_post("/v1/kill", self._kill)
-        app.router.add_post("/v1/shutdown", self._shutdown)
-        app.router.add_post("/v1/settings", self._set_settings)
-        app.router.add_post("/v1/checkpoint", self._checkpoint_all)
-        app.router.add_get("/status", self._status)
-        app.router.add_get("/", self._dashboard_page)
-        app.router.add_get("/metrics", self._metrics_page)
+        self.serve_on(app)
         # handler_cancellation: a long-poll whose client hung up must withdraw its join.
         self._runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT
@@ -336,6 +321,30 @@ class LighthouseServer:
             )
             self._lease_task = asyncio.create_task(self._wait_for_lease())
         return self._url
+
+    def serve_on(self, app: web.Application) -> None:
+        """Answer this lighthouse's endpoints on ``app``, from the running event loop.
+
+        start() calls it for the daemon's own application; lighthouse.rooms
+        calls it for each room's sub-application, mounted under a path prefix
+        of the same daemon, so that one process serves several quorums.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._fresh_core()
+        self._dashboard = (
+            importlib.resources.files("lighthouse").joinpath("dashboard.html").read_bytes()
+        )
+        app.router.add_post("/v1/join", self._join)
+        app.router.add_post("/v1/heartbeat", self._heartbeat)
+        app.router.add_post("/v1/fence", self._fence)
+        app.router.add_get("/v1/ws", self._websocket)
+        app.router.add_post("/v1/kill", self._kill)
+        app.router.add_post("/v1/shutdown", self._shutdown)
+        app.router.add_post("/v1/settings", self._set_settings)
+        app.router.add_post("/v1/checkpoint", self._checkpoint_all)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/", self._dashboard_page)
+        app.router.add_get("/metrics", self._metrics_page)
 
     def _take_lease(self) -> bool:
         assert self._lease is not None
@@ -933,9 +942,18 @@ class LighthouseServer:
             },
         )
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This lighthouse's Prometheus metrics (lighthouse.rooms labels each room's)."""
+        return self._metrics.registry
+
+    def metrics_text(self) -> bytes:
+        """The ``/metrics`` page: the Prometheus text of :attr:`registry`."""
+        return generate_latest(self._metrics.registry)
+
     async def _metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(self._metrics.registry),
+            body=self.metrics_text(),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
 
