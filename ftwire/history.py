@@ -94,6 +94,35 @@ def reference(members: Iterable[_Reported]) -> Reference | None:
     return Reference(step, history, tuple(sorted(holders)))
 
 
+@dataclass(frozen=True)
+class Healing:
+    """Who serves the reference state and who must copy it, in a quorum."""
+
+    reference: Reference
+    # Sorted: the members that serve heals.
+    donors: tuple[str, ...]
+    # Sorted: the members that must heal before the allreduce.
+    recovering: tuple[str, ...]
+
+
+def healing(members: Iterable[_Reported], *, init_sync: bool = True) -> Healing | None:
+    """Who heals in a quorum of ``members``; None if no member is clean.
+
+    The donors are the reference's holders.  ``init_sync``: while no step has
+    been committed (reference step 0) the groups may have started from
+    different random weights, so only the *primary* (the smallest holder)
+    serves and every other member heals from it.  The groups' planner and the
+    lighthouse's /status both use this, so they cannot disagree.
+    """
+    members = list(members)
+    ref = reference(members)
+    if ref is None:
+        return None
+    donors = ref.holders[:1] if init_sync and ref.step == 0 else ref.holders
+    recovering = tuple(sorted(m.replica_id for m in members if m.replica_id not in donors))
+    return Healing(ref, donors, recovering)
+
+
 # -- incarnations: one per process start --------------------------------------------
 
 

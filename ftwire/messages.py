@@ -13,6 +13,14 @@ from typing import Any
 
 from ftwire.history import GENESIS
 
+# Keys of ``Member.data`` that both sides read.
+# Each group rank's heal address (a list, indexed by group rank).
+DATA_HEAL = "heal"
+# The training script's last reported loss, for the dashboard's chart.
+DATA_LOSS = "loss"
+# What a group tells its peers with its join (Manager.set_join_info).
+DATA_INFO = "info"
+
 # A job's settings an operator may change while it runs, with what each may be.
 SETTINGS = ("outer_lr", "outer_momentum")
 
@@ -56,6 +64,9 @@ class Member:
     history: str = GENESIS
     # NUM_REPLICA_GROUPS as the member knows it; 0: not known.
     expected_groups: int = 0
+    # The longest the others should wait for stragglers once this member has
+    # joined (async DiLoCo's grace window); None: the lighthouse's join timeout.
+    join_grace: float | None = None
 
 
 @dataclass(frozen=True)

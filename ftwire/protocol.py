@@ -217,7 +217,7 @@ class JoinRequest:
 
 
 def encode_member(member: Member) -> dict[str, Any]:
-    return {
+    encoded = {
         "replica_id": member.replica_id,
         "address": member.address,
         "store_address": member.store_address,
@@ -230,6 +230,9 @@ def encode_member(member: Member) -> dict[str, Any]:
         "history": member.history,
         "expected_groups": member.expected_groups,
     }
+    if member.join_grace is not None:
+        encoded["join_grace"] = member.join_grace
+    return encoded
 
 
 def decode_member(message: Mapping[str, Any]) -> Member:
@@ -245,7 +248,17 @@ def decode_member(message: Mapping[str, Any]) -> Member:
         incarnation=read_text(message, "incarnation", MAX_ID_LEN, ""),
         history=read_text(message, "history", HISTORY_CHARS, ""),
         expected_groups=read_count(message, "expected_groups", 0, 0),
+        join_grace=_join_grace(message),
     )
+
+
+def _join_grace(message: Mapping[str, Any]) -> float | None:
+    if message.get("join_grace") is None:
+        return None
+    grace = float(read_field(message, "join_grace", float))
+    if not (math.isfinite(grace) and grace >= 0):
+        raise ProtocolError(f"field 'join_grace' must be a finite number >= 0, got {grace}")
+    return grace
 
 
 def _data(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ftwire import guard, protocol
-from ftwire.messages import SETTINGS, Member, Quorum
+from ftwire.history import healing
+from ftwire.messages import DATA_LOSS, SETTINGS, Member, Quorum
 from lighthouse.lease import Lease
 from lighthouse.quorum import Eviction, EvictionCause, QuorumConfig, QuorumCore, Update
 from lighthouse.settings import LiveSettings, quorum_step
@@ -520,7 +521,7 @@ class LighthouseServer:
         losses = {
             m.replica_id: loss
             for m in quorum.members
-            if type(loss := m.data.get("loss")) is float and math.isfinite(loss)
+            if type(loss := m.data.get(DATA_LOSS)) is float and math.isfinite(loss)
         }
         self._step_history.append(
             {
@@ -863,7 +864,9 @@ class LighthouseServer:
         now = self._loop.time()
         prev = self.core.previous
         in_quorum = {m.replica_id: m for m in prev.members} if prev is not None else {}
-        max_step = max((m.step for m in in_quorum.values()), default=0)
+        # The groups' own rule (with their default init_sync), so the page shows what they do.
+        heals = healing(in_quorum.values()) if in_quorum else None
+        recovering = set(heals.recovering) if heals is not None else set(in_quorum)
         joiners = self.core.joiners()
         seen = self.core.last_seen()
         committed = self.core.committed()
@@ -880,7 +883,7 @@ class LighthouseServer:
                     "in_quorum": rid in in_quorum,
                     "step": latest.step if latest is not None else None,
                     "address": latest.address if latest is not None else None,
-                    "recovering": rid in in_quorum and in_quorum[rid].step < max_step,
+                    "recovering": rid in recovering,
                     "committed_step": committed[rid][0] if rid in committed else None,
                     "history": committed[rid][1] if rid in committed else None,
                     "incarnation": latest.incarnation if latest is not None else None,

@@ -28,18 +28,11 @@ from tests.chaos_support import (
 )
 from tests.procs import free_port, process_pool, start_lighthouse
 
-__all__ = ["assert_consistent", "records", "start_group"]  # used by test_heal, test_streaming
-
 pytestmark = pytest.mark.integration
 
 # Survivors abandon the collective within 100 ms of an eviction (issue 10),
 # plus scheduling slack: log lines of 4 processes on a loaded 2-core machine.
 RELEASE_S = 0.1 + 0.25
-
-
-def assert_consistent(logs: list[Path]) -> dict[int, set[str]]:
-    """I1 and I2 over every record; the committed hashes per step."""
-    return assert_one_history(logs).by_step
 
 
 def test_a_kill_inside_the_gloo_collective_rolls_survivors_back_to_the_backup(
@@ -158,7 +151,7 @@ def test_lighthouse_restart_costs_at_most_one_outer_step(tmp_path: Path) -> None
         recs = records(log)
         assert [r["step"] for r in recs if r["committed"]] == list(range(1, 7))
         assert sum(not r["committed"] for r in recs) <= 1
-    assert_consistent(logs)
+    assert_one_history(logs)
 
 
 def _committed(line: str) -> bool:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos_support import assert_one_history, records, start_group
 from tests.procs import Proc, process_pool, start_lighthouse
-from tests.test_diloco_faults import assert_consistent, records, start_group
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_a_killed_group_restarts_heals_and_matches_its_peers(tmp_path: Path) -> 
     # its first outer step together with the others.
     assert first["step"] in (paused_at + 1, paused_at + 2), (first, paused_at)
     assert first["participants"] == 3
-    assert_consistent([logs[0], logs[2], restarted_log])
+    assert_one_history([logs[0], logs[2], restarted_log])
     committed = [r["step"] for r in records(restarted_log) if r["committed"]]
     assert committed == list(range(int(first["step"]), 10))
 
@@ -93,7 +93,7 @@ def test_a_group_joining_at_step_k_heals_and_matches(tmp_path: Path) -> None:
         finish(*early, late)
     first = first_sync(logs[2])
     assert first["step"] in (5, 6) and first["participants"] == 3, first
-    assert_consistent(logs)
+    assert_one_history(logs)
 
 
 def test_a_donor_killed_mid_transfer_leaves_no_partial_state(tmp_path: Path) -> None:
@@ -123,4 +123,4 @@ def test_a_donor_killed_mid_transfer_leaves_no_partial_state(tmp_path: Path) -> 
     assert committed, late_records
     before = late_records[: late_records.index(committed[0]) + 1]
     assert any(r["healed"] for r in before), late_records  # healed (again) before committing
-    assert_consistent([logs[1], logs[2]])
+    assert_one_history([logs[1], logs[2]])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos_support import check_history, records, start_group
+from tests.chaos_support import assert_one_history, records, start_group
 from tests.procs import Proc, process_pool, start_lighthouse
 
 pytestmark = pytest.mark.integration
@@ -36,13 +36,8 @@ def _run_to_the_end(groups: list[Proc], started: float) -> None:
 
 
 def _assert_one_history(logs: list[Path]) -> None:
-    history = check_history(logs)
-    assert not history.forks, (
-        f"forked history: {len(history.forks)} committed steps have two states "
-        f"({sorted(history.forks)}):\n{history.describe()}"
-    )
-    assert not history.problems, history.describe()
-    # Every group ran to the end on the same state.
+    """I1-I4 (chaos_support), and every group ran to the end on the same state."""
+    history = assert_one_history(logs)
     finals = {records(log)[-1]["hash"] for log in logs}
     assert len(finals) == 1, finals
     assert history.steps[-1] == STEPS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -32,12 +33,10 @@ from ftdiloco.operate.launch import (
     alive,
     compact_log,
     free_port,
-    parse_done_line,
-    parse_eval,
-    parse_step_line,
     printable,
     process_tree,
 )
+from ftdiloco.training import events
 from ftwire.messages import Member
 from lighthouse.cli import LISTENING, listening_url
 from lighthouse.client import LighthouseClient
@@ -82,19 +81,25 @@ def finish(proc: Proc, timeout: float) -> tuple[int, str]:
 # -- the pieces, without processes ----------------------------------------------------
 
 
-def test_step_and_done_lines_are_parsed() -> None:
-    line = "outer step 7 | loss 2.314 | participants 3 | sync 0.042s | sent 12.3 MB | committed"
-    step = parse_step_line(line)
-    assert step is not None and (step.step, step.loss, step.committed) == (7, 2.314, True)
-    assert not step.healed
-    healed = parse_step_line(line.replace("committed", "committed | healed"))
-    assert healed is not None and healed.healed
-    back = parse_step_line(line.replace("committed", "rolled back"))
-    assert back is not None and not back.committed
-    assert parse_step_line("group 0 | tiny model, 0.12M parameters") is None
-    done = "done | 5 outer steps committed, 0 rolled back | 100 inner steps | final loss 2.815"
-    assert parse_done_line(done) == 2.815
-    assert parse_done_line(line) is None
+def test_step_and_done_events_round_trip_and_other_lines_are_not_events() -> None:
+    stream = io.StringIO()
+    step = events.StepEvent(7, True, False, 3, 2.314)
+    healed = events.StepEvent(8, True, True, 3, 2.2, eval_loss=2.4)
+    back = events.StepEvent(9, False, False, 1, math.nan)
+    done = events.DoneEvent(5, 0, 2.815, 2.9)
+    for event in (step, healed, back, done):
+        events.emit(event, stream)
+    lines = stream.getvalue().splitlines()
+    assert [events.parse(line) for line in lines] == [
+        step,
+        healed,
+        events.StepEvent(9, False, False, 1, None),  # a NaN loss travels as null
+        done,
+    ]
+    # What people read is not an event, however much it looks like one.
+    assert events.parse("outer step 7 | loss 2.314 | participants 3 | committed") is None
+    assert events.parse(events.PREFIX + '{"kind": "outer_step", "step": "7"}') is None
+    assert events.parse(events.PREFIX + "not json") is None
 
 
 def test_library_logs_are_compact_and_info_is_hidden_unless_verbose() -> None:
@@ -153,14 +158,6 @@ def test_launch_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["launch", "--groups", "2", "--min-replicas", "3"])
     assert exit_info.value.code == 2
     assert "no outer step could commit" in capsys.readouterr().err
-
-
-def test_eval_loss_is_read_from_step_and_done_lines() -> None:
-    line = "outer step 4 | loss 2.500 | eval 2.601 | participants 2 | sync 0.1s | committed"
-    step = parse_step_line(line)
-    assert step is not None and step.eval_loss == 2.601 and step.loss == 2.5
-    assert parse_eval("done | 4 outer steps committed | final loss 2.4 | final eval 2.55") == 2.55
-    assert parse_eval("outer step 1 | loss 3.0 | committed") is None
 
 
 def test_the_status_line_marks_down_and_recovering_groups() -> None:
@@ -300,9 +297,10 @@ def test_batch_lighthouse_stops_once_every_group_came_and_went() -> None:
             while any(r.get("connected") for r in client.status()["replicas"]):
                 assert time.monotonic() < deadline, "group0's disconnect was never noticed"
                 time.sleep(0.05)
-        # Idle for several --idle-exit periods: a wrapper that took one group for all would
-        # exit now; this one must still be there to see the second group.
-        time.sleep(1.5)
+        # Idle past --idle-exit: a wrapper that took one group for all would exit now;
+        # this one says why it stays, and must still be there to see the second group.
+        proc.wait_for("idle with 1 of 2 groups seen; waiting for the others", timeout=30)
+        assert proc.popen.poll() is None
         with LighthouseClient(url) as second:
             second.start_liveness("group1", lambda event: None)
             proc.wait_for("saw group1 (2 of 2 groups)", timeout=30)

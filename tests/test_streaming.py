@@ -19,8 +19,8 @@ from torch import nn
 from ftdiloco.config import Config
 from ftdiloco.coordination.manager import Manager
 from ftdiloco.training.diloco import DiLoCo, split_fragments
+from tests.chaos_support import assert_one_history, records, start_group
 from tests.procs import process_pool, start_lighthouse
-from tests.test_diloco_faults import assert_consistent, records, start_group
 
 SYNC_EVERY = 4
 
@@ -195,7 +195,7 @@ def test_streaming_groups_commit_identical_state(tmp_path: Path, compression: st
         for proc in groups:
             proc.wait_for("DONE", timeout=90)
             assert proc.wait(timeout=30) == 0, proc.tail()
-    by_step = assert_consistent(logs)
+    by_step = assert_one_history(logs).by_step
     assert set(range(1, 9)) <= set(by_step)
     committed = [r for log in logs for r in records(log) if r["committed"]]
     assert all(r["participants"] == 2 for r in committed)
@@ -243,8 +243,7 @@ def test_a_group_left_behind_heals_on_the_sync_thread_and_rejoins(tmp_path: Path
     # From the heal on it commits every step with the other group, never resetting.
     after = [int(r["step"]) for r in resumed if r["committed"] and r["time"] >= healed[0]["time"]]
     assert after == list(range(after[0], 13))
-    steps = assert_consistent(logs)
-    assert all(len(steps[s]) == 1 for s in after)
+    assert_one_history(logs)  # one state per committed step, those after the heal included
 
 
 @pytest.mark.integration
@@ -273,8 +272,7 @@ def test_a_kill_during_a_background_sync_rolls_back_one_fragment_and_a_restart_h
     late = [r for r in records(logs[2]) if r["committed"]]
     assert late[0]["healed"] and int(late[0]["step"]) >= 4  # the survivor's progress, not 0
     assert [int(r["step"]) for r in late] == list(range(int(late[0]["step"]), 11))
-    steps = assert_consistent(logs)
-    assert all(len(h) == 1 for h in steps.values())
+    assert_one_history(logs)
 
 
 def test_leaving_on_an_exception_does_not_wait_out_a_background_quorum(

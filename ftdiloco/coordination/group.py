@@ -19,7 +19,9 @@ import structlog
 from aiohttp import web
 
 from ftwire import guard, protocol
+from ftwire.background import BackgroundLoop
 from ftwire.history import HISTORY_CHARS
+from ftwire.messages import Quorum
 
 log = structlog.get_logger(__name__)
 
@@ -200,3 +202,103 @@ async def contribute_remote(
             return protocol.unpack(payload, protocol.ANSWER)
     except (aiohttp.ClientError, TimeoutError) as e:
         raise GroupError(f"cannot reach group rank 0 at {url}: {e!r}") from e
+
+
+@dataclass(frozen=True)
+class QuorumAsk:
+    """What one rank brings to the quorum round: its committed state and heal address."""
+
+    step: int
+    history: str
+    commit_failures: int
+    heal: str
+    dirty: bool
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "history": self.history,
+            "commit_failures": self.commit_failures,
+            "heal": self.heal,
+            "dirty": self.dirty,
+        }
+
+
+@dataclass(frozen=True)
+class Vote:
+    """The group's commit decision; ``refused`` says why the fence said no."""
+
+    commit: bool
+    refused: str | None = None
+
+
+class GroupChannel:
+    """One rank's side of the group rounds, one typed method per round kind.
+
+    Every rank calls the same methods in the same order; rank 0 gathers the
+    values on its own loop and decides (joins the lighthouse, asks the fence),
+    the others post theirs to rank 0.  Each call returns the one answer every
+    rank of the group receives, or raises :class:`GroupError` on all of them.
+    """
+
+    def __init__(
+        self,
+        group_rank: int,
+        loop: BackgroundLoop,
+        headers: dict[str, str],
+        quorum_timeout: float,
+        collective_timeout: float,
+    ) -> None:
+        self._group_rank = group_rank
+        self._loop = loop
+        self._headers = headers
+        self._quorum_timeout = quorum_timeout
+        self._collective_timeout = collective_timeout
+        self._rounds = 0
+        self.gather: GroupGather | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._leader_url = ""
+
+    def connect(
+        self, gather: GroupGather | None, session: aiohttp.ClientSession, leader_url: str
+    ) -> None:
+        """Rank 0 passes its gather; the others rank 0's manager address."""
+        self.gather, self._session, self._leader_url = gather, session, leader_url
+
+    def quorum(self, ask: QuorumAsk) -> Quorum:
+        answer = self._round("quorum", ask.encode(), self._quorum_timeout)
+        return protocol.decode_quorum(protocol.read_field(answer, "quorum", dict))
+
+    def vote(self, ok: bool) -> Vote:
+        answer = self._round("vote", {"ok": ok}, self._collective_timeout)
+        refused = answer.get("refused")
+        return Vote(answer.get("commit") is True, refused if isinstance(refused, str) else None)
+
+    def checkpoint(self, save: bool, stop: bool) -> tuple[bool, bool]:
+        """Whether any rank asks to save, and whether any rank must stop (SIGTERM)."""
+        answer = self._round("checkpoint", {"save": save, "stop": stop}, self._collective_timeout)
+        return answer.get("save") is True, answer.get("stop") is True
+
+    def resume(self, steps: list[int]) -> int | None:
+        """The newest step every rank holds intact (``steps``: this rank's), if any."""
+        step = self._round("resume", {"steps": steps}, self._collective_timeout).get("step")
+        return step if type(step) is int else None
+
+    def _round(self, kind: str, value: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self._rounds += 1
+        round_no = self._rounds
+        if self.gather is not None:
+            coro = self.gather.contribute(kind, round_no, 0, value, timeout)
+        else:
+            assert self._session is not None, "GroupChannel.connect first"
+            coro = contribute_remote(
+                self._session,
+                self._leader_url,
+                kind,
+                round_no,
+                self._group_rank,
+                value,
+                timeout,
+                self._headers,
+            )
+        return self._loop.run(coro, timeout=timeout + 10)

@@ -1,6 +1,6 @@
 """What every member of a quorum works out from it, identically and without talking.
 
-The lighthouse hands the same :class:`~ftwire.Quorum` to every
+The lighthouse hands the same :class:`~ftwire.messages.Quorum` to every
 replica group.  Each rank of each group turns it into a :class:`QuorumPlan`
 with :func:`plan_quorum`: its rank among the participants, the step everyone
 will be at after healing, who must heal and from whom, and where to
@@ -14,10 +14,12 @@ Nothing here does I/O or imports torch, so every rule is table-tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from ftwire.history import DIRTY, reference
-from ftwire.messages import Member, Quorum, SettingsChange
+from ftwire.history import DIRTY, healing
+from ftwire.messages import DATA_INFO, Member, Quorum, SettingsChange
 from ftwire.protocol import settings_at
 
 __all__ = ["DIRTY", "QuorumPlan", "members_by_id", "plan_quorum"]
@@ -58,6 +60,9 @@ class QuorumPlan:
     # Shared: the live settings (outer lr, momentum) in effect for this outer
     # step, as the lighthouse handed them out; None: the script's own stand.
     outer_settings: SettingsChange | None = None
+    # Shared: what each participant told the others with its join
+    # (Manager.set_join_info), by replica id; groups that said nothing are absent.
+    peer_info: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def members_by_id(quorum: Quorum) -> dict[str, Member]:
@@ -119,16 +124,14 @@ def plan_quorum(
     # ftwire.history: highest step, then the most common history.  A
     # group whose heal failed half-way holds torn state at its old step: it
     # must heal, and must never be a donor, even if no one else is left.
-    ref = reference(members.values())
-    if ref is None:
+    heals = healing(members.values(), init_sync=init_sync)
+    if heals is None:
         raise ValueError(
             f"no member of quorum {quorum.quorum_id} holds committed state: every one "
             "is recovering from a failed heal; restart from a checkpoint"
         )
-    max_step, up_to_date = ref.step, ref.holders
-    if init_sync and max_step == 0:
-        up_to_date = up_to_date[:1]
-    recovering = tuple(rid for rid in participants if rid not in up_to_date)
+    ref, up_to_date, recovering = heals.reference, heals.donors, heals.recovering
+    max_step = ref.step
 
     heal = replica_id in recovering
     donor = None
@@ -154,4 +157,9 @@ def plan_quorum(
         store_address=members[up_to_date[0]].store_address,
         store_prefix=f"ftdiloco/q{quorum.quorum_id}/g{group_rank}",
         outer_settings=settings_at(quorum.settings, max_step),
+        peer_info={
+            rid: info
+            for rid in participants
+            if isinstance(info := members[rid].data.get(DATA_INFO), dict)
+        },
     )

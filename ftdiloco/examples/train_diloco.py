@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from ftdiloco.config import Config, exit_on_config_error
 from ftdiloco.examples.model import GPT, MODEL_SIZES, ByteDataset, default_corpus, load_corpus
+from ftdiloco.training import events
 from ftdiloco.training.data import ShardSampler
 from ftwire import logs
 
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                         manager.report_loss(last_loss, eval_loss=evaluated)
                     if leader:
                         print(sync_line(report, last_loss, evaluated, paced=paced), flush=True)
+                        events.emit(events.StepEvent.of(report, last_loss, evaluated))
                 else:
                     progress.show(f"inner step {len(losses)}/{args.sync_every}")
                 if manager.step >= args.outer_steps:
@@ -507,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             f"final loss {last_loss:.3f} | final eval {eval_loss:.3f}",
             flush=True,
         )
+        events.emit(events.DoneEvent(committed, rolled_back, last_loss, eval_loss))
         if args.sample_bytes:
             prompt = b"def "
             text = sample_text(model, prompt, args.sample_bytes, seed=args.seed)

@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,11 +31,17 @@ from ftdiloco.state.checkpoint import (
 from ftdiloco.state.registry import StateRegistry
 from ftwire.history import GENESIS
 
-Round = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+class CheckpointRounds(Protocol):
+    """The group rounds checkpoints need (ftdiloco.coordination.group.GroupChannel)."""
+
+    def checkpoint(self, save: bool, stop: bool) -> tuple[bool, bool]: ...
+
+    def resume(self, steps: list[int]) -> int | None: ...
 
 
 class GroupCheckpoints:
-    """When to save, what to resume; ``round`` runs a group round (see Manager._round)."""
+    """When to save, what to resume; the ranks agree through group ``rounds``."""
 
     def __init__(
         self,
@@ -43,14 +49,14 @@ class GroupCheckpoints:
         group_rank: int,
         group_size: int,
         states: StateRegistry,
-        round: Round,
+        rounds: CheckpointRounds,
         log: Any,
     ) -> None:
         self.config = config
         self.group_rank = group_rank
         self.group_size = group_size
         self._states = states
-        self._round = round
+        self._rounds = rounds
         self._log = log
         # A function returning JSON-able run metadata (a data loader's position,
         # say) stored with every checkpoint; after a resume, that metadata.
@@ -117,7 +123,7 @@ class GroupCheckpoints:
                 intact[verify_checkpoint(path).step] = path
             except CheckpointError as e:
                 self._log.warning("skipping a damaged checkpoint", path=str(path), error=str(e))
-        step = self._round("resume", {"steps": sorted(intact)})["step"]
+        step = self._rounds.resume(sorted(intact))
         if step is None:
             self._log.info("no checkpoint to resume from", directory=str(directory))
             return None
@@ -159,8 +165,7 @@ class GroupCheckpoints:
         requests = self.requests
         asked = requests > self._requests_done
         try:
-            answer = self._round("checkpoint", {"save": asked, "stop": self.stop_requested})
-            asked, stop = answer["save"] is True, answer["stop"] is True
+            asked, stop = self._rounds.checkpoint(asked, self.stop_requested)
         except Exception as e:
             self._log.warning("checkpoint round failed", error=repr(e))
             asked, stop = False, self.stop_requested

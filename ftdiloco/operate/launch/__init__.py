@@ -33,7 +33,6 @@ from ftdiloco.operate.launch.launcher import (
     launch,
 )
 from ftdiloco.operate.launch.processes import alive, free_port, process_tree
-from ftdiloco.operate.launch.step_lines import parse_done_line, parse_eval, parse_step_line
 from ftdiloco.operate.launch.terminal import _Output, compact_log, printable
 
 __all__ = [
@@ -47,9 +46,6 @@ __all__ = [
     "compact_log",
     "free_port",
     "launch",
-    "parse_done_line",
-    "parse_eval",
-    "parse_step_line",
     "printable",
     "process_tree",
     "serve_lighthouse",

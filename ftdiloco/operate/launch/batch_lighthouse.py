@@ -8,6 +8,7 @@ then left.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -98,22 +99,23 @@ def _serve_lighthouse(
                 # training group stays connected for its whole run.
                 for replica_id in sorted({r["replica_id"] for r in replicas} - seen):
                     seen.add(replica_id)
-                    note = f"ftdiloco: saw {replica_id} ({len(seen)} of {groups} groups)"
-                    if copy is not None:
-                        copy.write(note + "\n")
-                    print(note, file=sys.stderr, flush=True)
-                busy = bool(connected or status.get("joiners"))
-                if busy or len(seen) < groups:
+                    _note(f"ftdiloco: saw {replica_id} ({len(seen)} of {groups} groups)", copy)
+                if connected or status.get("joiners"):
                     idle_since = None
                 elif idle_since is None:
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since >= idle_exit:
-                    message = f"ftdiloco: all {groups} groups came and went; stopping"
-                    message += " the lighthouse"
-                    if copy is not None:
-                        copy.write(message + "\n")
-                    print(message, file=sys.stderr, flush=True)
-                    break
+                    if len(seen) >= groups:
+                        came = f"ftdiloco: all {groups} groups came and went; stopping"
+                        _note(f"{came} the lighthouse", copy)
+                        break
+                    # Said once per idle spell, so a user (and a test) sees why it stays.
+                    _note(
+                        f"ftdiloco: idle with {len(seen)} of {groups} groups seen;"
+                        " waiting for the others",
+                        copy,
+                    )
+                    idle_since = math.inf  # until the next busy moment resets it
                 stop.wait(poll)
     finally:
         for s, handler in previous.items():
@@ -142,3 +144,10 @@ def _emit(line: str, copy: TextIO | None) -> None:
 def _forward(stream: TextIO, copy: TextIO | None) -> None:
     for line in stream:
         _emit(line, copy)
+
+
+def _note(text: str, copy: TextIO | None) -> None:
+    """One line on stderr, and in the log file when there is one."""
+    if copy is not None:
+        copy.write(text + "\n")
+    print(text, file=sys.stderr, flush=True)

@@ -19,8 +19,8 @@ import aiohttp
 
 from ftdiloco.operate.launch.processes import Child, free_port
 from ftdiloco.operate.launch.record import Record, json_float
-from ftdiloco.operate.launch.step_lines import parse_done_line, parse_eval, parse_step_line
 from ftdiloco.operate.launch.terminal import _Output, compact_log
+from ftdiloco.training import events
 from lighthouse.cli import listening_url
 
 # The launcher's exit code when its output was closed: 128 + SIGPIPE, as a shell reports it.
@@ -371,11 +371,13 @@ class _Launcher:
             self._fail(f"{group.name} exited with code {code}")
 
     def _on_group_line(self, group: Group, child: Child, line: str) -> None:
-        step = parse_step_line(line)
-        if step is not None:
+        event = events.parse(line)
+        if isinstance(event, events.StepEvent):
+            step = event
             now = time.monotonic()
             group.lines_since_start += 1
-            group.step, group.loss = step.step, step.loss
+            group.step = step.step
+            group.loss = step.loss if step.loss is not None else math.nan
             if step.eval_loss is not None:
                 group.eval_loss = step.eval_loss
             group.step_times.append(now)
@@ -420,12 +422,11 @@ class _Launcher:
                 group.rolled_back += 1
             self._refresh_status()
             return
-        loss = parse_done_line(line)
-        if loss is not None:
-            group.loss = loss
-            eval_loss = parse_eval(line)
-            if eval_loss is not None:
-                group.eval_loss = eval_loss
+        if isinstance(event, events.DoneEvent):
+            if event.loss is not None:
+                group.loss = event.loss
+            if event.eval_loss is not None:
+                group.eval_loss = event.eval_loss
             group.finished = True
 
     def _show(self, child: Child, line: str) -> None:

@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Callable
 from typing import TextIO
 
+from ftdiloco.training import events
+
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -75,8 +77,14 @@ class _Output:
 
 
 def compact_log(line: str, verbose: bool) -> str | None:
-    """A library JSON log line, shortened; None to hide it; other lines unchanged."""
+    """A library JSON log line, shortened; None to hide it; other lines unchanged.
+
+    Structured events (:mod:`ftdiloco.training.events`) repeat the line
+    printed for people, so they show only with ``verbose``.
+    """
     text = line.rstrip("\n")
+    if text.startswith(events.PREFIX):
+        return text if verbose else None
     if not text.startswith("{"):
         return text
     try:
