@@ -120,7 +120,7 @@ class GroupGather:
             self._tasks.add(asyncio.ensure_future(self._finish(key, rnd, self._decide[kind])))
         try:
             return await asyncio.wait_for(asyncio.shield(rnd.result), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
             if len(rnd.values) == self.world_size:
                 # Everyone arrived; the decision (a lighthouse join) has its own
                 # deadline and answers every rank when it passes.
@@ -137,10 +137,11 @@ class GroupGather:
         except Exception as e:
             self._fail(key, rnd, GroupError(f"{key}: {e}"))
             return
+        finally:
+            self._tasks.discard(task)
         if not rnd.result.done():
             rnd.result.set_result(answer)
         self._rounds.pop(key, None)
-        self._tasks.discard(task)
 
     def _fail(self, key: str, rnd: _Round, error: GroupError) -> None:
         if not rnd.result.done():
@@ -200,7 +201,7 @@ async def contribute_remote(
                 code, text = protocol.decode_error(payload)
                 raise GroupError(f"rank 0 answered {resp.status} {code}: {text}")
             return protocol.unpack(payload, protocol.ANSWER)
-    except (aiohttp.ClientError, TimeoutError) as e:
+    except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as e:
         raise GroupError(f"cannot reach group rank 0 at {url}: {e!r}") from e
 
 

@@ -394,7 +394,14 @@ def connect(
 
 
 def abort(pg: CrossGroup) -> None:
-    """Abandon a group whose peers are gone, releasing the collectives stuck in it."""
+    """Ask the backend to abandon a group whose peers are gone.
+
+    Do not wait for it to release anything: with gloo (torch 2.13) a
+    collective stuck on a missing peer still waits until the group's
+    deadline after ``abort`` returned.  So callers run it on a side thread,
+    never wait for the stuck collective, and never reuse its buffers
+    (:meth:`ftdiloco.coordination.collective.Collective.abandon`).
+    """
     try:
         pg.abort()
     except Exception as e:  # aborting a broken group may itself fail; nothing to do
