@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from ftwire import guard
 from ftwire.protocol import MAX_ID_LEN
 
 log = structlog.get_logger(__name__)
@@ -182,15 +183,6 @@ def _is_host(text: str) -> bool:
     return True
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _normalise_lighthouse(variable: str, address: str) -> str:
     """``host:port`` or ``http(s)://host:port[/]`` -> ``scheme://host:port``."""
     text = address.strip()
@@ -283,7 +275,7 @@ def _default_host(master_addr: str) -> str:
     machines, and MASTER_ADDR is rank 0's address, not necessarily ours; the
     fully qualified host name is what a peer on another machine can resolve.
     """
-    return "127.0.0.1" if _is_loopback(master_addr) else socket.getfqdn()
+    return "127.0.0.1" if guard.is_loopback(master_addr) else socket.getfqdn()
 
 
 def _check(name: str, value: Any, ok: bool, must: str) -> None:
@@ -563,8 +555,10 @@ class Config:
                     f"REPLICA_GROUP_ID={self.replica_group_id} is not below "
                     f"NUM_REPLICA_GROUPS={self.num_replica_groups}"
                 )
-        remote = [url for url in self.lighthouse if not _is_loopback(urlsplit(url).hostname or "")]
-        if _is_loopback(self.host) and remote:
+        remote = [
+            url for url in self.lighthouse if not guard.is_loopback(urlsplit(url).hostname or "")
+        ]
+        if guard.is_loopback(self.host) and remote:
             problems.append(
                 f"FTDILOCO_HOST={self.host} is a loopback address but the lighthouse "
                 f"{remote[0]} is on another machine: groups on other machines cannot "

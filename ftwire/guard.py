@@ -15,6 +15,7 @@ credentials; the token itself is compared exactly, in constant time.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -293,3 +294,17 @@ def install(app: web.Application) -> None:
 
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name, an IP, or ``[v6]``) is this machine only.
+
+    Servers that bind anything else need a token; a host name other than
+    localhost is assumed reachable from outside.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import os
 import signal
 import sys
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ftwire import logs
+from ftwire import guard, logs
 
 if TYPE_CHECKING:
     from lighthouse.server import LighthouseServer, ServerConfig
@@ -139,17 +138,8 @@ def _token(parser: argparse.ArgumentParser, path: str | None) -> str | None:
     return token
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: assume it is reachable from outside
-
-
 async def _serve(server: LighthouseServer, host: str, port: int) -> int:
-    if server.config.token is None and not _is_loopback(host):
+    if server.config.token is None and not guard.is_loopback(host):
         _log.warning(
             "no token on a non-loopback address",
             bind=host,

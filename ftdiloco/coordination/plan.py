@@ -52,7 +52,7 @@ class QuorumPlan:
     heal: bool
     # Whom this group rank copies its state from; None when not healing.
     donor: Member | None
-    # Shared: the TCPStore every group's rank ``group_rank`` rendezvouses on.
+    # Shared: the rendezvous store every group's rank ``group_rank`` meets on.
     store_address: str
     # Unique per quorum id and group rank, so process groups of different
     # quorums or group ranks never read each other's keys on the shared store.

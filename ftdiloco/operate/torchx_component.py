@@ -37,10 +37,11 @@ spellings, which torchx's argument parser understands, and without
 ``from __future__ import annotations``.
 """
 
-import ipaddress
 from typing import Dict, Optional  # noqa: UP035 -- torchx parses these spellings only
 
 import torchx.specs as specs
+
+from ftwire import guard
 
 
 def train(
@@ -107,21 +108,12 @@ def train(
     if token and token_file:
         raise ValueError("give token or token_file, not both")
 
-    def is_loopback(host: str) -> bool:
-        # Nested: torchx lists every function of this module as a component.
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-
     common = {"PYTHONUNBUFFERED": "1", **(env or {})}
     if token:
         common["FTDILOCO_TOKEN"] = token
     if token_file:
         common["FTDILOCO_TOKEN_FILE"] = token_file
-    loopback = is_loopback(lighthouse_host)
+    loopback = guard.is_loopback(lighthouse_host)
     roles = []
 
     address = lighthouse
