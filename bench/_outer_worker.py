@@ -4,7 +4,7 @@
     python bench/_outer_worker.py train      # paced DiLoCo training, for the kill test
 
 Configured like a training script (REPLICA_GROUP_ID, FTDILOCO_*), plus:
-  BENCH_STORE    (overhead) host:port of the TCPStore for the raw gloo group
+  BENCH_STORE    (overhead) host:port of the rendezvous store for the raw gloo group
   BENCH_REPS     (overhead) timed repetitions of every variant
   BENCH_BUCKET_BYTES, BENCH_DIRECT_BYTES  override the manager's constants
   BENCH_VICTIM   (train) ``between``: after its BENCH_AT-th counted commit,

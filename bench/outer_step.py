@@ -47,114 +47,26 @@ manager's constants in the groups, for tuning.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import queue
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
+from ftdiloco.coordination import process_group  # noqa: E402
 from ftdiloco.operate.launch.processes import free_port  # noqa: E402
-from lighthouse.cli import listening_url  # noqa: E402
+from tests.procs import Proc, process_pool, start_lighthouse, temporary_log  # noqa: E402
 
 WORKER = str(ROOT / "bench" / "_outer_worker.py")
 GOAL_RATIO = 1.02
 GOAL_STALL_S = 0.3
 TORCHFT_RATIO = 1.19
-
-
-class Proc:
-    """A child process whose ``@ {json}`` stdout lines arrive on a queue."""
-
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log: IO[str]) -> None:
-        self.name = name
-        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.log = log
-        self.popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        self.first_line: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            if line.startswith("@ "):
-                self.events.put(json.loads(line[2:]))
-            else:
-                self.first_line.put(line)
-        self.events.put(None)
-
-    def next_event(self, timeout: float) -> dict[str, Any]:
-        try:
-            event = self.events.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"{self.name}: nothing in {timeout:g} s\n{self.tail()}") from None
-        if event is None:
-            self.events.put(None)
-            raise EOFError(f"{self.name} exited ({self.popen.wait()})\n{self.tail()}")
-        return event
-
-    def kill(self) -> None:
-        """SIGKILL, by pid; a process that already ended is left alone."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(30)
-
-    def tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        text = Path(self.log.name).read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[Proc]]:
-    """Every process started in the block is SIGKILLed by pid when it ends."""
-    procs: list[Proc] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.kill()
-        for proc in procs:
-            proc.log.close()  # a temporary file: closing deletes it
-
-
-def _log_file(name: str) -> IO[str]:
-    return tempfile.NamedTemporaryFile("w", prefix=f"outer-step-{name}-", suffix=".log")
-
-
-def start_lighthouse(procs: list[Proc], *flags: str) -> str:
-    args = [sys.executable, "-m", "lighthouse.cli", "--bind", "127.0.0.1:0", *flags]
-    proc = Proc("lighthouse", args, {}, _log_file("lighthouse"))
-    procs.append(proc)
-    try:
-        line = proc.first_line.get(timeout=30)
-    except queue.Empty:
-        raise TimeoutError(f"lighthouse did not start\n{proc.tail()}") from None
-    url = listening_url(line)
-    if url is None:
-        raise RuntimeError(f"unexpected lighthouse output {line!r}\n{proc.tail()}")
-    return url
 
 
 def start_group(procs: list[Proc], url: str, group: int, mode: str, **env: str) -> Proc:
@@ -173,7 +85,7 @@ def start_group(procs: list[Proc], url: str, group: int, mode: str, **env: str) 
             "FTDILOCO_HEARTBEAT_INTERVAL": "0.2",
             **env,
         },
-        _log_file(f"group{group}"),
+        log=temporary_log(f"outer-step-group{group}"),
     )
     procs.append(proc)
     return proc
@@ -184,11 +96,10 @@ def start_group(procs: list[Proc], url: str, group: int, mode: str, **env: str) 
 
 def measure_overhead(reps: int) -> tuple[dict[str, list[float]], int, int]:
     """Per variant, per round: the slower process's seconds."""
-    from torch._C._distributed_c10d import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    with processes() as procs:
-        url = start_lighthouse(procs, "--min-replicas", "2", "--join-timeout-ms", "30000")
+    # The rendezvous store the groups' own process groups use.
+    store = process_group.host_store("127.0.0.1", 0, timeout=60)
+    with contextlib.closing(store), process_pool() as procs:
+        _, url = start_lighthouse(procs, "--min-replicas", "2", "--join-timeout-ms", "30000")
         env = {"BENCH_STORE": f"127.0.0.1:{store.port}", "BENCH_REPS": str(reps)}
         groups = [start_group(procs, url, g, "overhead", **env) for g in (0, 1)]
         results = [g.next_event(timeout=60 + reps * 5) for g in groups]
@@ -208,8 +119,8 @@ def measure_stalls(warm_steps: int) -> dict[str, dict[str, Any]]:
 
     Per kill, the worse survivor's stall.
     """
-    with processes() as procs:
-        url = start_lighthouse(
+    with process_pool() as procs:
+        _, url = start_lighthouse(
             procs,
             "--min-replicas",
             "1",

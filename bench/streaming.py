@@ -70,27 +70,21 @@ exactly would need payloads with no scales at all.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, print_table, write_json  # noqa: E402
-from lighthouse.cli import listening_url  # noqa: E402
+from tests.procs import Proc, process_pool, start_lighthouse, temporary_log  # noqa: E402
 
 WORKER = str(ROOT / "bench" / "_streaming_worker.py")
 FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
@@ -113,95 +107,10 @@ EVAL_WINDOWS = 256  # as in the worker
 # -- processes ---------------------------------------------------------------------------
 
 
-class Proc:
-    """A child whose ``@ {json}`` stdout lines arrive on a queue; stderr goes to a temp file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.log: IO[str] = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in kill)
-            "w", prefix=f"streaming-{name}-", suffix=".log"
-        )
-        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.plain: queue.Queue[str] = queue.Queue()
-        self.popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            if line.startswith("@ "):
-                self.events.put(json.loads(line[2:]))
-            else:
-                self.plain.put(line)
-        self.events.put(None)
-
-    def next_event(self, timeout: float) -> dict[str, Any]:
-        try:
-            event = self.events.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"{self.name}: nothing in {timeout:g} s\n{self.tail()}") from None
-        if event is None:
-            self.events.put(None)
-            raise EOFError(f"{self.name} exited ({self.popen.wait()})\n{self.tail()}")
-        return event
-
-    def send(self, line: str) -> None:
-        assert self.popen.stdin is not None
-        self.popen.stdin.write(line + "\n")
-        self.popen.stdin.flush()
-
-    def tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        text = Path(self.log.name).read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """SIGKILL by pid (unless it already ended), then drop its log."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(30)
-        self.log.close()
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[Proc]]:
-    """Every process started in the block is ended by its pid when the block ends."""
-    procs: list[Proc] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            proc.kill()
-
-
-def start_lighthouse(procs: list[Proc]) -> str:
-    args = [sys.executable, "-m", "lighthouse.cli", "--bind", "127.0.0.1:0"]
-    args += ["--min-replicas", "2", "--join-timeout-ms", "60000"]
-    proc = Proc("lighthouse", args, {})
-    procs.append(proc)
-    try:
-        line = proc.plain.get(timeout=30)
-    except queue.Empty:
-        raise TimeoutError(f"the lighthouse did not start\n{proc.tail()}") from None
-    url = listening_url(line)
-    if url is None:
-        raise RuntimeError(f"unexpected lighthouse output {line!r}\n{proc.tail()}")
-    return url
-
-
 def run_all(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Both groups' results for every run, in order."""
-    with processes() as procs:
-        url = start_lighthouse(procs)
+    with process_pool() as procs:
+        _, url = start_lighthouse(procs, "--min-replicas", "2", "--join-timeout-ms", "60000")
         groups = []
         for group in range(2):
             env = {
@@ -214,7 +123,8 @@ def run_all(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
                 "FTDILOCO_HEARTBEAT_INTERVAL": "0.2",
                 "OMP_NUM_THREADS": "1",
             }
-            groups.append(Proc(f"group{group}", [sys.executable, WORKER], env))
+            log = temporary_log(f"streaming-group{group}")
+            groups.append(Proc(f"group{group}", [sys.executable, WORKER], env, log=log))
             procs.append(groups[-1])
         results = []
         for run in runs:

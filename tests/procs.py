@@ -9,39 +9,69 @@ and SIGCONT (``kill``, ``freeze``, ``thaw``).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO, Any
 
 from ftdiloco.operate.launch.processes import free_port
 from lighthouse.cli import LISTENING, listening_url
 
-__all__ = ["ROOT", "Proc", "free_port", "process_pool", "start_lighthouse"]
+__all__ = [
+    "EVENT_PREFIX",
+    "ROOT",
+    "Proc",
+    "free_port",
+    "process_pool",
+    "start_lighthouse",
+    "temporary_log",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
+# Lines a bench worker prints for its driver: this, then one JSON object.
+EVENT_PREFIX = "@ "
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
+    """A child process; its stdout lines arrive on a queue, read on a thread.
+
+    Lines that start with :data:`EVENT_PREFIX` carry one JSON object each
+    (the bench workers' results): they go to :meth:`next_event` instead.
+    With ``log``, stderr goes to that file rather than into the output (a
+    chatty child's logs then cost the reader nothing); :meth:`tail` shows both.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        log: IO[str] | None = None,
+    ) -> None:
         self.name = name
         self.lines: queue.Queue[str | None] = queue.Queue()  # None: the output ended
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.output: list[str] = []
         self.stamped: list[tuple[float, str]] = []  # (time.time() on arrival, line)
         self.started = time.time()
+        self.log = log
         self.popen = subprocess.Popen(
             args,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if log is None else log,
             text=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -51,8 +81,23 @@ class Proc:
         for line in self.popen.stdout:
             self.stamped.append((time.time(), line))
             self.output.append(line)
-            self.lines.put(line)
+            if line.startswith(EVENT_PREFIX):
+                self.events.put(json.loads(line[len(EVENT_PREFIX) :]))
+            else:
+                self.lines.put(line)
         self.lines.put(None)
+        self.events.put(None)
+
+    def next_event(self, timeout: float) -> dict[str, Any]:
+        """The next ``@ {json}`` event, waiting at most ``timeout`` seconds."""
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"{self.name}: no event in {timeout:g}s\n{self.tail()}") from None
+        if event is None:
+            self.events.put(None)
+            raise EOFError(f"{self.name} exited ({self.popen.wait()})\n{self.tail()}")
+        return event
 
     @property
     def pid(self) -> int:
@@ -94,7 +139,8 @@ class Proc:
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to say goodbye (a frozen one dies too)."""
         if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # it ended since the poll
+                os.kill(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=30)
 
     def freeze(self) -> None:
@@ -118,7 +164,17 @@ class Proc:
         return self.popen.wait(timeout=timeout)
 
     def tail(self, n: int = 40) -> str:
-        return "".join(self.output[-n:])
+        text = "".join(self.output[-n:])
+        if self.log is not None:
+            self.log.flush()
+            logged = Path(self.log.name).read_text(errors="replace").splitlines()[-n:]
+            text += f"-- {self.name}'s stderr --\n" + "\n".join(logged)
+        return text
+
+
+def temporary_log(name: str) -> IO[str]:
+    """A file for a child's stderr (``Proc(log=...)``); process_pool closes and deletes it."""
+    return tempfile.NamedTemporaryFile("w", prefix=f"ftdiloco-{name}-", suffix=".log")
 
 
 @contextmanager
@@ -134,6 +190,8 @@ def process_pool(save_to: Path | None = None) -> Iterator[list[Proc]]:
     finally:
         for proc in procs:
             proc.kill()
+            if proc.log is not None:
+                proc.log.close()
         if save_to is not None:
             save_to.mkdir(parents=True, exist_ok=True)
             for proc in procs:
