@@ -192,14 +192,17 @@ async def scenario_capacity(
     budget: float,
     cpus: tuple[set[int] | None, set[int] | None],
     python: Sequence[str] = (sys.executable,),
+    options: Sequence[str] = (),
 ) -> CapacityResult:
-    """``cpus``: (the daemon's, the clients'); ``python`` runs the daemon (e.g. under cProfile)."""
+    """``cpus``: (the daemon's, the clients'); ``python`` runs the daemon (e.g. under
+    cProfile) with more flags ``options``."""
     async with daemon(
         min_replicas=1,
         join_timeout_ms=LONG_TIMEOUT_MS,
         heartbeat_timeout_ms=5_000,
         cpus=cpus[0],
         python=python,
+        options=options,
     ) as d:
         return await _capacity(d, rounds, period, idle_window, budget, cpus[1])
 

@@ -112,20 +112,22 @@ async def daemon(
     heartbeat_timeout_ms: int,
     cpus: set[int] | None,
     python: Sequence[str] = (sys.executable,),
+    options: Sequence[str] = (),
 ) -> AsyncIterator[Daemon]:
     """The real ``lighthouse`` command on a free loopback port; stopped by PID on the way out.
 
     Its logs (one JSON line per quorum, with every member's id) go to a
     temporary file: rendering them is part of the daemon's real cost, and a
     pipe nobody reads would eventually block it.  ``python`` is the command
-    that runs a module (e.g. with a profiler in front).
+    that runs a module (e.g. with a profiler in front); ``options`` are more
+    flags for the daemon (e.g. ``--event-loop uvloop``).
     """
     command = [
         *python, "-m", "lighthouse.cli", "--bind", "127.0.0.1:0",
         "--min-replicas", str(min_replicas),
         "--join-timeout-ms", str(join_timeout_ms),
         "--heartbeat-timeout-ms", str(heartbeat_timeout_ms),
-        "--log-format", "json",
+        "--log-format", "json", *options,
     ]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         child = await spawn("lighthouse", command, stdout=PIPE, stderr=log)

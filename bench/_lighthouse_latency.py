@@ -111,7 +111,9 @@ async def _rounds(d: Daemon, n: int, rounds: int) -> LatencyResult:
             conn.close()
 
 
-async def scenario_latency(sizes: Sequence[tuple[int, int]]) -> list[LatencyResult]:
+async def scenario_latency(
+    sizes: Sequence[tuple[int, int]], options: Sequence[str] = ()
+) -> list[LatencyResult]:
     """Unpinned: on a shared box a pinned daemon waits for its one CPU while the other is idle."""
     results = []
     for n, rounds in sizes:
@@ -120,6 +122,7 @@ async def scenario_latency(sizes: Sequence[tuple[int, int]]) -> list[LatencyResu
             join_timeout_ms=LONG_TIMEOUT_MS,
             heartbeat_timeout_ms=LONG_TIMEOUT_MS,
             cpus=None,
+            options=options,
         ) as d:
             results.append(await _rounds(d, n, rounds))
     return results

@@ -63,12 +63,13 @@ async def run(args: Any) -> list[Report]:
     """The scenarios asked for, in order, each with its own daemon."""
     wanted = set(args.only or ("latency", "death", "capacity"))
     quick: bool = args.quick
+    options = ["--event-loop", "uvloop"] if args.event_loop == "uvloop" else []
     reports: list[Report] = []
     if "latency" in wanted:
         sizes = [(2, 50), (16, 30), (256, 10)]
         if not quick:  # and 1000, for the capacity scenario's cost without heartbeats
             sizes = [(2, 200), (16, 100), (256, 30), (1000, 10)]
-        latency = await scenario_latency(sizes)
+        latency = await scenario_latency(sizes, options)
         reports.append(latency_report(latency))
         # torchft's client turns every answer into Python objects under the GIL, so at
         # N=1000 it would measure the client; and --quick has no time for a second daemon.
@@ -85,7 +86,9 @@ async def run(args: Any) -> list[Report]:
         if args.profile_daemon is not None:
             runs_daemon += ["-m", "cProfile", "-o", str(args.profile_daemon)]
         pinning = cpus() if not args.no_pin else (None, None)
-        capacity = await scenario_capacity(rounds, 1.0, idle_window, budget, pinning, runs_daemon)
+        capacity = await scenario_capacity(
+            rounds, 1.0, idle_window, budget, pinning, runs_daemon, options
+        )
         reports.append(capacity_report(capacity))
     return reports
 
@@ -108,6 +111,12 @@ def main() -> None:
         "--no-pin",
         action="store_true",
         help="capacity: let the scheduler place the daemon (on a busy shared machine)",
+    )
+    cli.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the daemon's event loop (lighthouse --event-loop), for a side-by-side",
     )
     cli.add_argument(
         "--profile-daemon",

@@ -547,9 +547,9 @@ class LivenessLink:
     timeout.  So the link reconnects by itself when the lighthouse restarts,
     and :meth:`stop` is the clean way to leave.
 
-    ``on_event`` runs on the event loop with every decoded event (``quorum``,
-    ``member_lost``, ``kill``); it must not block, and an exception from it is
-    logged, never fatal to the link.
+    ``on_event`` runs on the event loop with every decoded event
+    (``member_lost``, ``kill``; a quorum comes as a join's answer only); it
+    must not block, and an exception from it is logged, never fatal to the link.
     """
 
     def __init__(

@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,9 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Replica frames are tiny heartbeats; anything near this is an attack or a bug.
 WS_MAX_FRAME_BYTES = 64 * 1024
+# Join answers from this size on are also sent deflated to clients that accept it
+# (below about one TCP segment, compressing saves no packet).
+_DEFLATE_FROM_BYTES = 1400
 # Events a replica may leave unread before its socket is closed as stuck.
 _OUTBOX_FRAMES = 256
 # Bounds on how long stop() may take when peers do not cooperate.
@@ -124,11 +128,63 @@ _HttpError = guard.Refused
 
 
 @dataclass(frozen=True)
-class _Waiter:
-    """A join long-poll: resolved with the 200 body, or with the refusal to raise."""
+class _Answer:
+    """A quorum's join answer, encoded once per formation and shared by all its members.
 
-    future: asyncio.Future[bytes | _HttpError]
+    Large answers are also kept deflated (compressed once, not per request):
+    a quorum of 1000 members is ~180 kB of msgpack, mostly repeated keys and
+    similar addresses, that every member must receive; deflated it is a
+    tenth of that, and writing 1000 copies through the kernel is what makes
+    releasing a large quorum slow.
+    """
+
+    plain: bytes
+    deflated: bytes | None
+
+    @classmethod
+    def of(cls, body: bytes) -> _Answer:
+        deflated = zlib.compress(body, 1) if len(body) >= _DEFLATE_FROM_BYTES else None
+        return cls(body, deflated)
+
+    def response(self, request: web.Request) -> web.Response:
+        if self.deflated is not None and _accepts_deflate(request.headers.get("Accept-Encoding")):
+            return web.Response(
+                body=self.deflated,
+                content_type=protocol.CONTENT_TYPE,
+                headers={"Content-Encoding": "deflate"},
+            )
+        return _msgpack(self.plain)
+
+
+def _accepts_deflate(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header (RFC 9110 12.5.3) allows ``deflate``."""
+    for coding in (accept_encoding or "").split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() in ("deflate", "*"):
+            quality = params.strip().lower().removeprefix("q=")
+            return params.strip() == "" or _positive(quality)
+    return False
+
+
+def _positive(quality: str) -> bool:
+    try:
+        return float(quality) > 0
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class _Waiter:
+    """A join long-poll: resolved with the quorum's answer, or with the refusal to raise."""
+
+    future: asyncio.Future[_Answer | _HttpError]
     arrived: float
+
+    def settle(self, outcome: _Answer | _HttpError) -> None:
+        # A client that hung up cancelled the future (its handler withdraws the join
+        # once it runs); whatever is decided in between has nobody left to hear it.
+        if not self.future.done():
+            self.future.set_result(outcome)
 
 
 class _Connection:
@@ -458,14 +514,21 @@ class LighthouseServer:
                 conn.push(lost)
 
     def _release(self, quorum: Quorum, reason: str) -> None:
-        """Hand the quorum to every member's waiting join and WebSocket, encoded once."""
+        """Hand the quorum to every member's waiting join, encoded once for all of them.
+
+        Only the join carries it: every member of a quorum is a joiner waiting
+        for this answer, so a copy pushed on its WebSocket as well would only
+        double what the lighthouse writes (1000 x 180 kB per round at 1000
+        replicas).
+        """
         self._formed_unix = time.time() - (self._loop.time() - quorum.created)
         try:
             step = quorum_step(quorum)
             changes = self.settings.for_quorum(step)
             encoded = protocol.encode_quorum(quorum, self._formed_unix, changes)
-            answer = protocol.pack({"quorum": encoded, "lease": self._lease is not None})
-            event = protocol.pack({"type": protocol.EVENT_QUORUM, "quorum": encoded})
+            answer = _Answer.of(
+                protocol.pack({"quorum": encoded, "lease": self._lease is not None})
+            )
         except Exception as e:
             # Joins are checked so that this cannot happen; if it ever does,
             # every member still gets an answer now instead of a timeout.
@@ -479,11 +542,8 @@ class LighthouseServer:
         for rid in quorum.replica_ids:
             waiter = self._waiters.pop(rid, None)
             if waiter is not None:
-                waiter.future.set_result(answer)
+                waiter.settle(answer)
                 last_arrival = max(last_arrival, waiter.arrived)
-            conn = self._sockets.get(rid)
-            if conn is not None:
-                conn.push(event)
         if last_arrival > float("-inf"):
             self._metrics.latency.observe(self._loop.time() - last_arrival)
         self._metrics.quorums.inc()
@@ -557,7 +617,7 @@ class LighthouseServer:
         self._drive(self.core.tick)
 
     def _resolve(self, rid: str, outcome: _HttpError) -> None:
-        self._waiters.pop(rid).future.set_result(outcome)
+        self._waiters.pop(rid).settle(outcome)
 
     # -- request plumbing ----------------------------------------------------------
 
@@ -609,11 +669,11 @@ class LighthouseServer:
             else:
                 self._metrics.joins_refused.labels(outcome.code).inc()
             raise outcome
-        return _msgpack(outcome)
+        return outcome.response(request)
 
     async def _wait_for_quorum(
         self, member: Member, timeout: float, arrived: float
-    ) -> bytes | _HttpError:
+    ) -> _Answer | _HttpError:
         """Register the join, then wait for a quorum; always ends with an outcome."""
         # Checked here, with no await before registering, so stop() cannot miss it.
         self._refuse_if_stopping()
@@ -627,8 +687,8 @@ class LighthouseServer:
                     409, "superseded", f"a newer join from {rid} replaced this one", replica=rid
                 ),
             )
-        future: asyncio.Future[bytes | _HttpError] = self._loop.create_future()
-        self._waiters[rid] = _Waiter(future, arrived)
+        future: asyncio.Future[_Answer | _HttpError] = self._loop.create_future()
+        waiter = self._waiters[rid] = _Waiter(future, arrived)
         # A join from a new incarnation evicts the old one (RESTARTED) in this
         # very call: that eviction must not answer this join's own waiter.
         self._joining = rid
@@ -636,15 +696,24 @@ class LighthouseServer:
             self._drive(lambda now: self.core.join(member, now))
         finally:
             self._joining = None
+        # The future itself is awaited, with a plain timer for the timeout: a
+        # release wakes each of up to thousands of handlers in one loop step,
+        # where asyncio.wait would add a waiter future and callbacks per join.
+        timer = self._loop.call_later(timeout, self._time_out, waiter, rid, timeout)
         try:
-            await asyncio.wait((future,), timeout=timeout)
+            return await future
         finally:
-            if not future.done():  # timed out, or the client hung up
-                reason = self.core.reason
-                message = f"no quorum within {timeout:g}s: {reason}"
-                self._resolve(rid, _HttpError(504, "timeout", message, replica=rid))
+            timer.cancel()
+            if future.cancelled() and self._waiters.get(rid) is waiter:  # the client hung up
+                del self._waiters[rid]
                 self._drive(lambda now: self.core.withdraw(rid, now))
-        return future.result()
+
+    def _time_out(self, waiter: _Waiter, rid: str, timeout: float) -> None:
+        """The join's own timeout: answer 504 and withdraw it, unless it was answered."""
+        if self._waiters.get(rid) is waiter:
+            message = f"no quorum within {timeout:g}s: {self.core.reason}"
+            self._resolve(rid, _HttpError(504, "timeout", message, replica=rid))
+            self._drive(lambda now: self.core.withdraw(rid, now))
 
     def _refuse_if_stale(self, rid: str, incarnation: str) -> None:
         if self.core.is_stale(rid, incarnation):
