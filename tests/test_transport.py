@@ -9,10 +9,11 @@ hook (e.g. retract) once a chunk has been relayed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import struct
-import zlib
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +24,12 @@ import safetensors.torch
 import structlog
 import structlog.testing
 import torch
+import xxhash
 from aiohttp import web
 
+from ftdiloco.state import heal
 from ftdiloco.state.heal import (
+    CHECKSUM,
     CHECKSUM_HEADER,
     HealError,
     StateServer,
@@ -63,6 +67,19 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"127.0.0.1:{runner.addresses[0][1]}"
 
 
+def flip_a_bit(body: bytearray) -> None:
+    body[len(body) // 2] ^= 0x01
+
+
+def swap_two_bytes(body: bytearray) -> None:
+    """A damage a sum of the bytes would miss."""
+    body[0], body[-1] = body[-1], body[0]
+
+
+def zero_the_tail(body: bytearray) -> None:
+    body[len(body) // 2 :] = bytes(len(body) - len(body) // 2)
+
+
 @dataclass
 class Relay:
     """Forwards heal requests to the donor, with faults on chunk responses."""
@@ -71,6 +88,8 @@ class Relay:
     session: aiohttp.ClientSession
     # chunk index -> how many of its responses to damage
     damage: dict[int, int] = field(default_factory=dict)
+    # how: by default one bit in the middle flips
+    damage_with: Callable[[bytearray], None] = lambda body: flip_a_bit(body)
     # maps the donor's checksum header to the one sent on (None: no header)
     forge_checksum: Callable[[str | None], str | None] | None = None
     # chunks at or after this index die half way through the body
@@ -101,7 +120,7 @@ class Relay:
         if index is not None and status == 200:
             if self.damage.get(index, 0) > 0:
                 self.damage[index] -= 1
-                body[len(body) // 2] ^= 0x01
+                self.damage_with(body)
             if self.die_from is not None and index >= self.die_from:
                 response = web.StreamResponse(headers=forwarded)
                 response.content_length = len(body)
@@ -172,6 +191,19 @@ async def get_with_headers(
 
 
 @pytest.fixture
+async def no_unhandled_errors() -> AsyncIterator[None]:
+    """Fails a test that leaves an exception nobody retrieved (asyncio logs
+    those when the future is collected, in whatever code runs then)."""
+    unhandled: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    yield
+    gc.collect()
+    loop.set_exception_handler(None)
+    assert unhandled == []
+
+
+@pytest.fixture
 def copies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The index of every chunk StateServer copies out of its tensors, in order."""
     indices: list[int] = []
@@ -222,6 +254,39 @@ async def test_two_receivers_at_once(
     assert_identical(second, state)
 
 
+@pytest.mark.parametrize("parallel", [1, 4])
+async def test_slices_and_staged_destinations_land_in_place(
+    donor: tuple[StateServer, str],
+    state: dict[str, torch.Tensor],
+    parallel: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunks are read in slices that straddle tensors and chunks; a tensor
+    a socket cannot read into (one on a GPU) is staged through host memory."""
+    monkeypatch.setattr(heal, "_READ_BYTES", 7)
+    into = blank_like(state)
+    # Every other tensor plays the GPU's part.
+    unreachable = {heal._bytes_of(t).data_ptr() for t in list(into.values())[::2] if t.numel()}
+    landing = heal._landing
+    staged = []
+
+    def gpu_like(tensor: torch.Tensor) -> memoryview | None:
+        if tensor.data_ptr() in unreachable:
+            staged.append(tensor)
+            return None
+        return landing(tensor)
+
+    monkeypatch.setattr(heal, "_landing", gpu_like)
+    await fetch_state(donor[1], STEP, into, parallel=parallel)
+    assert_identical(into, state)
+    assert len(staged) == len(unreachable) > 1
+
+
+def test_only_http_donors(state: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(ValueError, match="http:// URL"):
+        fetch_state_blocking("https://127.0.0.1:1", STEP, blank_like(state))
+
+
 async def test_blocking_variant(
     donor: tuple[StateServer, str], state: dict[str, torch.Tensor]
 ) -> None:
@@ -238,14 +303,14 @@ async def test_chunks_concatenate_to_a_safetensors_file(
     assert status == 200
     manifest = unpack(body)
     assert manifest["step"] == STEP and manifest["chunk_bytes"] == CHUNK
-    assert manifest["checksum"] == "crc32" and "checksums" not in manifest
+    assert manifest["checksum"] == CHECKSUM == "xxh3_64" and "checksums" not in manifest
     assert [t["name"] for t in manifest["tensors"]] == list(state)
     chunks = []
     for index in range(manifest["num_chunks"]):
         status, chunk, headers = await get_with_headers(
             address, f"/v1/heal/chunk/{index}?step={STEP}"
         )
-        assert status == 200 and int(headers[CHECKSUM_HEADER]) == zlib.crc32(chunk)
+        assert status == 200 and int(headers[CHECKSUM_HEADER]) == xxhash.xxh3_64_intdigest(chunk)
         chunks.append(chunk)
     stream = b"".join(chunks)
     assert len(stream) == manifest["total_bytes"]
@@ -376,9 +441,12 @@ async def test_hostile_manifest_is_a_heal_error(state: dict[str, torch.Tensor]) 
         [
             b"\xc1 not msgpack",
             pack({"step": STEP}),
-            pack({"step": STEP, "checksum": "crc32", "chunk_bytes": 1 << 40}),
-            pack({"step": True, "checksum": "crc32"}),
-            pack({"step": STEP, "checksum": "crc32", "chunk_bytes": CHUNK, "tensors": [twice] * 2}),
+            pack({"step": STEP, "checksum": "crc32"}),
+            pack({"step": STEP, "checksum": CHECKSUM, "chunk_bytes": 1 << 40}),
+            pack({"step": True, "checksum": CHECKSUM}),
+            pack(
+                {"step": STEP, "checksum": CHECKSUM, "chunk_bytes": CHUNK, "tensors": [twice] * 2}
+            ),
         ]
     )
 
@@ -392,6 +460,7 @@ async def test_hostile_manifest_is_a_heal_error(state: dict[str, torch.Tensor]) 
         for expected in (
             "not valid msgpack",
             "'checksum'",
+            "donor uses checksum 'crc32', not xxh3_64",
             "chunk size",
             "'step' must be int",
             "appears twice",
@@ -417,12 +486,17 @@ async def test_damaged_chunk_is_fetched_again(
     assert faults.requests[0] == 2 and faults.requests[5] == 3 and faults.requests[1] == 1
 
 
+@pytest.mark.parametrize("damage", [flip_a_bit, swap_two_bytes, zero_the_tail])
+@pytest.mark.usefixtures("no_unhandled_errors")
 async def test_chunk_damaged_every_time_fails(
-    relay: tuple[Relay, str], state: dict[str, torch.Tensor]
+    relay: tuple[Relay, str],
+    state: dict[str, torch.Tensor],
+    damage: Callable[[bytearray], None],
 ) -> None:
     faults, address = relay
     faults.damage = {3: 100}
-    with pytest.raises(HealError, match=r"chunk 3 .* failed its crc32 check") as e:
+    faults.damage_with = damage
+    with pytest.raises(HealError, match=r"chunk 3 .* failed its xxh3_64 check") as e:
         await fetch_state(address, STEP, blank_like(state))
     assert e.value.code == "checksum"
     assert faults.requests[3] == 3
@@ -446,7 +520,7 @@ async def test_damaged_checksum_header_is_fetched_again(
     assert faults.requests[0] == 3 and faults.requests[1] == 1
 
 
-@pytest.mark.parametrize("header", [None, "", "abc", "-1", "0x1f", str(1 << 32), "1" * 11])
+@pytest.mark.parametrize("header", [None, "", "abc", "-1", "0x1f", str(1 << 64), "1" * 21])
 async def test_missing_or_garbled_checksum_header_is_a_protocol_error(
     relay: tuple[Relay, str], state: dict[str, torch.Tensor], header: str | None
 ) -> None:
@@ -458,6 +532,7 @@ async def test_missing_or_garbled_checksum_header_is_a_protocol_error(
     assert faults.requests == {0: 1}
 
 
+@pytest.mark.usefixtures("no_unhandled_errors")
 async def test_donor_dying_mid_transfer(
     relay: tuple[Relay, str], state: dict[str, torch.Tensor]
 ) -> None:
@@ -503,6 +578,7 @@ async def test_publish_of_another_step_during_transfer(
     assert e.value.code == "step_mismatch"
 
 
+@pytest.mark.usefixtures("no_unhandled_errors")
 async def test_timeout_bounds_the_whole_fetch(
     relay: tuple[Relay, str], state: dict[str, torch.Tensor]
 ) -> None:
@@ -511,6 +587,8 @@ async def test_timeout_bounds_the_whole_fetch(
     with pytest.raises(HealError, match=r"longer than 0\.3s") as e:
         await fetch_state(address, STEP, blank_like(state), timeout=0.3)
     assert e.value.code == "timeout"
+    # The thread blocked on the hanging chunk was released, not left writing.
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftdiloco-heal")]
 
 
 async def test_receiver_leaving_mid_chunk_does_not_disturb_the_donor() -> None:

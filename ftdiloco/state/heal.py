@@ -21,8 +21,8 @@ Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes
     ``shape``, ``offset`` into the stream, ``nbytes``).
 ``GET /v1/heal/chunk/{index}?step=N``
     200 ``application/octet-stream``: bytes ``[index * chunk_bytes, ...)`` of
-    the stream, with their crc32 as a decimal integer in the
-    ``X-Ftdiloco-Crc32`` header.
+    the stream, with their 64-bit XXH3 hash as a decimal integer in the
+    ``X-Ftdiloco-Checksum`` header.
 
 Both answer 400 ``bad_request``, 401 ``unauthorized`` (when the server has a
 token, requests need ``Authorization: Bearer <token>``), 409 ``step_mismatch``
@@ -37,14 +37,18 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import functools
+import concurrent.futures
+import contextlib
+import http.client
 import itertools
 import json
 import math
+import queue
+import socket
 import struct
 import threading
 import time
-import zlib
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,8 +56,9 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 import torch
+import xxhash
 from aiohttp import web
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from ftdiloco.state.dtypes import SAFETENSORS_CODES
 from ftwire import guard
@@ -82,20 +87,24 @@ Destination = (
 _DTYPES = SAFETENSORS_CODES
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
-# zlib.crc32 runs at ~3 GB/s per core and releases the GIL; blake2b manages
-# ~0.6 GB/s, which would cap a heal well below the network.  A CRC catches
-# corruption, which is all it is for: the donor is trusted, its bytes are not.
-CHECKSUM = "crc32"
-# The response header that carries a chunk's checksum.
-CHECKSUM_HEADER = "X-Ftdiloco-Crc32"
-# A receiver holds `parallel` chunks at once; refuse donors that ask for more.
+# XXH3-64 hashes ~30 GB/s from memory on one core (~80 from cache); zlib.crc32
+# manages ~6, which cost each side about a fifth of its CPU per heal, and
+# blake2b ~0.6.  It catches corruption, which is all it is for: the donor is
+# trusted, its bytes are not.  (crc32c, the hardware CRC, is half XXH3's speed
+# and falls back to software without SSE4.2 or ARMv8 CRC.)
+CHECKSUM = "xxh3_64"
+# The response header that carries a chunk's checksum (the manifest names the algorithm).
+CHECKSUM_HEADER = "X-Ftdiloco-Checksum"
+# A receiver stages a chunk per connection for destinations on a GPU; refuse
+# donors that ask for more.
 MAX_CHUNK_BYTES = 256 << 20
 # Response bodies go out in slices this large, so a slice the socket cannot
 # take at once is all the event loop's transport ever buffers (and copies).
 _WRITE_BYTES = 1 << 20
-# A receiver's chunk reads may buffer this much per connection before aiohttp
-# stops reading the socket.
-_READ_BUFFER_BYTES = 4 << 20
+# A receiver reads a chunk in slices this large and hashes each as soon as it
+# arrives, while it is still in the core's L2 cache (hashing it from memory
+# later would read every byte a second time).
+_READ_BYTES = 256 << 10
 # Idle chunk buffers a StateServer keeps for the next requests (one per
 # connection of a typical heal).
 _POOLED_BUFFERS = 4
@@ -364,7 +373,7 @@ class StateServer:
             The lock covers only the copy: the checksum is of the copy."""
             if not self._copy_chunk(publication, index, buffer):
                 return None
-            return zlib.crc32(memoryview(buffer)[:length])
+            return xxhash.xxh3_64_intdigest(memoryview(buffer)[:length])
 
         try:
             checksum = await asyncio.to_thread(copy_out)
@@ -554,29 +563,15 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int, address: str)
     return bytes(body)
 
 
-async def _refused(response: aiohttp.ClientResponse, what: str, address: str) -> HealError:
-    code, message = decode_error(await _read_body(response, _ERROR_BODY_LIMIT, address))
-    return HealError(
-        f"donor {address} refused {what} (HTTP {response.status} {code}): {message}", code
-    )
+def _refusal(status: int, body: bytes, what: str, address: str) -> HealError:
+    code, message = decode_error(body)
+    return HealError(f"donor {address} refused {what} (HTTP {status} {code}): {message}", code)
 
 
-async def _in_thread(function: Callable[[], T]) -> T:
-    """Run ``function`` on the default executor and wait for it even if cancelled,
-    so no thread is still writing into the destination once fetch_state ends."""
-    future = asyncio.get_running_loop().run_in_executor(None, function)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        raise
-
-
-def _checksum_header(response: aiohttp.ClientResponse, index: int, address: str) -> int:
-    """The checksum the donor sent with chunk ``index``: a crc32, 0 .. 2**32 - 1."""
-    text = response.headers.get(CHECKSUM_HEADER)
+def _checksum_header(text: str | None, index: int, address: str) -> int:
+    """The checksum the donor sent with chunk ``index``: an XXH3-64, 0 .. 2**64 - 1."""
     if text is None or not (
-        text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 1 << 32
+        text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 1 << 64
     ):
         raise HealError(
             f"donor {address} sent chunk {index} without a valid {CHECKSUM_HEADER} "
@@ -586,8 +581,24 @@ def _checksum_header(response: aiohttp.ClientResponse, index: int, address: str)
     return int(text)
 
 
+def _landing(tensor: torch.Tensor) -> memoryview | None:
+    """The memory of a destination tensor that a socket can read into, or None
+    for one it cannot reach (on a GPU: its bytes go through a host buffer)."""
+    if tensor.device.type != "cpu":
+        return None
+    return _bytes_of(tensor).numpy().data
+
+
 class _Fetch:
-    """One fetch_state call: where from, what into, and how many refetches."""
+    """One fetch_state call: where from, what into, and the connections that fetch chunks.
+
+    The manifest comes over the caller's aiohttp session; the chunks over
+    blocking ``http.client`` connections, one thread each, that read the body
+    with ``readinto`` straight into the destination's memory.  An event loop
+    cost more than the copy it fed: aiohttp hands over each received block as
+    a fresh ``bytes`` (allocated, faulted in, then copied again), and every
+    block is another trip through the loop.
+    """
 
     def __init__(
         self,
@@ -596,111 +607,175 @@ class _Fetch:
         step: int,
         into: Destination,
         token: str | None,
+        timeout: float,
     ) -> None:
         self.session = session
         self.address = address
         self.base = address if "://" in address else f"http://{address}"
+        url = urllib.parse.urlsplit(self.base)
+        if url.scheme != "http" or url.hostname is None:
+            raise ValueError(f"a donor's address is host:port or an http:// URL, got {address!r}")
+        self.host, self.port, self.path = url.hostname, url.port or 80, url.path.rstrip("/")
         self.step = step
         self.destination = into
         self.into: Mapping[str, torch.Tensor] = {}
         self.headers = {} if token is None else guard.authorization(token)
+        # A bound on any one blocking socket call; the deadline of the whole
+        # fetch is enforced by stop(), which shuts every connection down.
+        self.timeout = timeout
         self.refetches = 0
+        self._lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] | None = []
 
     async def manifest(self) -> _Layout:
         async with self.session.get(
             f"{self.base}/v1/heal/manifest", params={"step": self.step}, headers=self.headers
         ) as response:
+            body = await _read_body(
+                response,
+                MAX_MESSAGE_BYTES if response.status == 200 else _ERROR_BODY_LIMIT,
+                self.address,
+            )
             if response.status != 200:
-                raise await _refused(response, "the manifest", self.address)
-            body = await _read_body(response, MAX_MESSAGE_BYTES, self.address)
+                raise _refusal(response.status, body, "the manifest", self.address)
         layout, self.into = _read_manifest(body, self.step, self.destination)
         return layout
 
     async def chunks(self, layout: _Layout, parallel: int) -> None:
-        targets = [None, *(_bytes_of(self.into[spec.name]) for spec in layout.specs)]
-        indices = iter(range(layout.num_chunks))
+        """Fetch every chunk over ``parallel`` connections.  Returns or raises
+        only once no thread writes into the destination any more."""
+        tensors = [_bytes_of(self.into[spec.name]) for spec in layout.specs]
+        # Per segment: the tensor, and the memory a socket reads it into.
+        # Segment 0, the safetensors header, is already known: it goes to scratch.
+        targets = [None, *tensors]
+        landings = [memoryview(bytearray(len(layout.header))), *map(_landing, tensors)]
+        pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(layout.num_chunks):
+            pending.put(index)
+        workers = min(parallel, layout.num_chunks)
+        with concurrent.futures.ThreadPoolExecutor(workers, "ftdiloco-heal") as pool:
+            futures = [
+                asyncio.wrap_future(pool.submit(self.worker, layout, pending, targets, landings))
+                for _ in range(workers)
+            ]
+            try:
+                done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                self.stop()
+                # Even when cancelled (the deadline): stop() ends their reads at once.
+                await asyncio.wait(futures)
+                # What stop() made the other threads raise is expected, not
+                # lost: mark it retrieved (asyncio would log it as unhandled).
+                for future in futures:
+                    future.exception()
+        # The first failures, not those stop() caused in the other threads.
+        for future in done:
+            future.result()
+        self.refetches = sum(future.result() for future in futures)
 
-        async def worker() -> None:
-            buffer = bytearray(layout.chunk_bytes)
-            for index in indices:
-                async for attempt in AsyncRetrying(
+    def stop(self) -> None:
+        """Shut every chunk connection down, so that a thread blocked on one
+        returns at once, and let no thread open another."""
+        with self._lock:
+            connections, self._connections = self._connections or [], None
+        for connection in connections:
+            if connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+
+    def worker(
+        self,
+        layout: _Layout,
+        pending: queue.SimpleQueue[int],
+        targets: Sequence[torch.Tensor | None],
+        landings: Sequence[memoryview | None],
+    ) -> int:
+        """Fetch chunks over a connection of its own until none is left (or
+        stop()); returns how many it had to fetch again."""
+        # For destinations a socket cannot reach; allocated only if there are any.
+        staging = bytearray(layout.chunk_bytes if None in landings else 0)
+        refetches = 0
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            connection.connect()
+            with self._lock:
+                if self._connections is None:
+                    return refetches
+                self._connections.append(connection)
+            while True:
+                try:
+                    index = pending.get_nowait()
+                except queue.Empty:
+                    return refetches
+                for attempt in Retrying(
                     stop=stop_after_attempt(_CHECKSUM_ATTEMPTS),
                     retry=retry_if_exception_type(_ChecksumMismatch),
                     reraise=True,
                 ):
                     with attempt:
                         if attempt.retry_state.attempt_number > 1:
-                            self.refetches += 1
-                        checksum = await self.chunk(layout, index, buffer)
-                        await _in_thread(
-                            functools.partial(self.land, layout, index, buffer, checksum, targets)
-                        )
-
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(parallel, layout.num_chunks))]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-
-    async def chunk(self, layout: _Layout, index: int, buffer: bytearray) -> int:
-        """Read chunk ``index`` into the front of ``buffer``; returns the
-        checksum the donor sent with it."""
-        start, end = layout.chunk_span(index)
-        expected = end - start
-        async with self.session.get(
-            f"{self.base}/v1/heal/chunk/{index}",
-            params={"step": self.step},
-            headers=self.headers,
-            read_bufsize=_READ_BUFFER_BYTES,
-        ) as response:
-            if response.status != 200:
-                raise await _refused(response, f"chunk {index}", self.address)
-            if response.content_length != expected:
-                raise HealError(
-                    f"donor {self.address} sent chunk {index} with length "
-                    f"{response.content_length}, expected {expected}",
-                    "protocol",
-                )
-            checksum = _checksum_header(response, index, self.address)
-            view = memoryview(buffer)
-            received = 0
-            # iter_chunks hands over each received block as is; iter_any would
-            # first join whatever is buffered into one more copy.
-            async for data, _ in response.content.iter_chunks():
-                # Content-Length bounds what aiohttp hands over, so this cannot overflow.
-                view[received : received + len(data)] = data
-                received += len(data)
-        if received != expected:
+                            refetches += 1
+                        self.chunk(connection, layout, index, targets, landings, staging)
+        except (OSError, http.client.HTTPException) as e:
             raise HealError(
-                f"donor {self.address} ended chunk {index} after {received} of {expected} bytes",
-                "donor_gone",
-            )
-        return checksum
+                f"donor {self.address} went away: {type(e).__name__}: {e}", "donor_gone"
+            ) from e
+        finally:
+            connection.close()
 
-    def land(
+    def chunk(
         self,
+        connection: http.client.HTTPConnection,
         layout: _Layout,
         index: int,
-        buffer: bytearray,
-        checksum: int,
         targets: Sequence[torch.Tensor | None],
+        landings: Sequence[memoryview | None],
+        staging: bytearray,
     ) -> None:
-        """Verify a received chunk against the checksum the donor sent with
-        it, then copy it into the destination tensors."""
+        """Read chunk ``index`` into its place and check it against the
+        checksum the donor sent with it, hashing each slice just read while
+        it is still in the CPU's cache."""
         start, end = layout.chunk_span(index)
-        if zlib.crc32(memoryview(buffer)[: end - start]) != checksum:
+        connection.request(
+            "GET", f"{self.path}/v1/heal/chunk/{index}?step={self.step}", headers=self.headers
+        )
+        with connection.getresponse() as response:
+            if response.status != 200:
+                body = response.read(_ERROR_BODY_LIMIT)
+                raise _refusal(response.status, body, f"chunk {index}", self.address)
+            if response.length != end - start:
+                raise HealError(
+                    f"donor {self.address} sent chunk {index} with length "
+                    f"{response.length}, expected {end - start}",
+                    "protocol",
+                )
+            expected = _checksum_header(response.getheader(CHECKSUM_HEADER), index, self.address)
+            hasher = xxhash.xxh3_64()
+            for segment, offset, at, length in layout.pieces(index):
+                landing = landings[segment]
+                into = (
+                    memoryview(staging)[at : at + length]
+                    if landing is None
+                    else landing[offset : offset + length]
+                )
+                for begin in range(0, length, _READ_BYTES):
+                    piece = into[begin : begin + _READ_BYTES]
+                    if response.readinto(piece) != len(piece):
+                        raise HealError(
+                            f"donor {self.address} went away in the middle of chunk {index}",
+                            "donor_gone",
+                        )
+                    hasher.update(piece)
+                target = targets[segment]
+                if landing is None and target is not None:
+                    staged = torch.frombuffer(staging, dtype=torch.uint8)[at : at + length]
+                    target[offset : offset + length].copy_(staged)
+        if hasher.intdigest() != expected:
             raise _ChecksumMismatch(
                 f"chunk {index} from donor {self.address} failed its {CHECKSUM} check "
                 f"{_CHECKSUM_ATTEMPTS} times",
                 "checksum",
             )
-        staging = torch.frombuffer(buffer, dtype=torch.uint8)
-        for segment, offset, at, length in layout.pieces(index):
-            target = targets[segment]
-            if target is not None:  # None: the safetensors header, already known
-                target[offset : offset + length].copy_(staging[at : at + length])
 
 
 async def fetch_state(
@@ -725,9 +800,10 @@ async def fetch_state(
     tensors must be contiguous); otherwise HealError names the first
     difference before anything is written.  Chunks are fetched over
     ``parallel`` connections, checked against the checksum the donor sends
-    with each (a damaged chunk is fetched again, a few times), and copied
-    straight into ``into``'s memory, so the extra memory is about
-    ``parallel`` chunks.
+    with each (a damaged chunk is fetched again, a few times).  They are
+    read straight into ``into``'s memory, so the extra memory is a few
+    buffers per connection; only a destination on a GPU is staged through
+    one chunk per connection.
 
     Contract: on HealError (``code``: ``step_mismatch``, ``not_ready``,
     ``unauthorized``, ``layout_mismatch``, ``checksum``, ``donor_gone``,
@@ -743,14 +819,11 @@ async def fetch_state(
     try:
         if session is None:
             # No session-wide deadline: wait_for below is the one that counts.
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=parallel + 1),
-                timeout=aiohttp.ClientTimeout(total=None),
-            ) as own:
-                fetch = _Fetch(own, address, step, into, token)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as own:
+                fetch = _Fetch(own, address, step, into, token, timeout)
                 total = await asyncio.wait_for(_run(fetch, parallel), timeout)
         else:
-            fetch = _Fetch(session, address, step, into, token)
+            fetch = _Fetch(session, address, step, into, token, timeout)
             total = await asyncio.wait_for(_run(fetch, parallel), timeout)
     except asyncio.TimeoutError:
         error = HealError(f"heal from {address} took longer than {timeout:g}s", "timeout")
