@@ -17,11 +17,14 @@ Reported:
   publishes every outer step: the publish() call's wall time, and the donor's
   CPU time over the publish and the second after it (work it left running in
   the background included);
-- raw loopback GB/s, median of three, and heal / raw;
+- raw loopback GB/s, median of three, each just before a repeated heal (the
+  load is then alike), and heal / raw (goal: >= 0.65);
 - CPU seconds per GB on each side, which the machine's other load disturbs
   less than wall-clock rates;
 - the receiver's peak memory above its preallocated destination during a
-  heal (VmHWM, reset through /proc/self/clear_refs before each heal).
+  heal (VmHWM, reset through /proc/self/clear_refs before each heal): it
+  reads into the destination, so at most what ``parallel`` chunk buffers
+  would take.
 
 Restart, with real processes.  A lighthouse and three replica groups
 (bench/_heal_worker.py: DiLoCo on a 4.2M-parameter MLP, an outer step every
@@ -93,6 +96,8 @@ from ftdiloco.state.heal import StateServer, fetch_state  # noqa: E402
 from lighthouse.cli import listening_url  # noqa: E402
 
 GOAL_GBPS = 1.5
+# Issue 17: a heal within this fraction of what a bare socket moves in the same run.
+GOAL_RATIO_TO_RAW = 0.65
 LAYERS = 16
 REPEATS = 3
 # Publishes with no heal, each followed by this long for background work.
@@ -234,8 +239,6 @@ def transfer_report(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]
         into = {name: torch.empty(numel).fill_(0) for name, numel in _state(total_bytes)}
         gigabytes = sum(t.numel() * 4 for t in into.values()) / 1e9
 
-        raw = [_raw_gbps(raw_port, into) for _ in range(REPEATS)]
-
         publish_s, publish_cpu = [], []
         for step in range(10, 10 + PUBLISHES):
             cpu = _cpu_seconds(donor_pid)
@@ -247,12 +250,20 @@ def transfer_report(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]
         control.send(1)
         control.recv()
         after_publish, first_peak = _heal(address, 1, into, args.parallel)
-        cpu_before = _cpu_seconds(os.getpid()), _cpu_seconds(donor_pid)
-        heals = [_heal(address, 1, into, args.parallel) for _ in range(REPEATS)]
-        receiver_cpu, donor_cpu = (
-            (_cpu_seconds(pid) - before) / (REPEATS * gigabytes)
-            for pid, before in zip((os.getpid(), donor_pid), cpu_before, strict=True)
-        )
+        # Raw transfers and heals alternate, so that on a shared machine both
+        # see the same load; each heal starts from zeros (raw ones write the
+        # same bytes), so the check below is of a heal's work.
+        raw, heals, cpu_seconds = [], [], [0.0, 0.0]
+        for _ in range(REPEATS):
+            raw.append(_raw_gbps(raw_port, into))
+            for tensor in into.values():
+                tensor.zero_()
+            pids = (os.getpid(), donor_pid)
+            before = [_cpu_seconds(pid) for pid in pids]
+            heals.append(_heal(address, 1, into, args.parallel))
+            for side, (pid, start) in enumerate(zip(pids, before, strict=True)):
+                cpu_seconds[side] += _cpu_seconds(pid) - start
+        receiver_cpu, donor_cpu = (seconds / (REPEATS * gigabytes) for seconds in cpu_seconds)
 
         for i, (name, tensor) in enumerate(into.items()):
             if not torch.equal(tensor, _values(i, tensor.numel())):
@@ -264,6 +275,7 @@ def transfer_report(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]
 
     heal_gbps = statistics.median(g for g, _ in heals)
     raw_gbps = statistics.median(raw)
+    ratio = heal_gbps / raw_gbps
     peak = max(first_peak, *(p for _, p in heals))
     expected_mb = args.parallel * chunk_bytes / (1 << 20)
     runs = ", ".join(f"{g:.2f}" for g, _ in heals)
@@ -279,15 +291,21 @@ def transfer_report(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]
             heal_gbps >= GOAL_GBPS,
         ),
         Row("heal", "GB/s, first heal after publish", f"{after_publish:.2f}"),
-        Row("heal", "heal / raw", f"{heal_gbps / raw_gbps:.2f}"),
+        Row(
+            "heal",
+            "heal / raw",
+            f"{ratio:.2f}",
+            f">= {GOAL_RATIO_TO_RAW}",
+            ratio >= GOAL_RATIO_TO_RAW,
+        ),
         Row("heal", "receiver CPU s/GB", f"{receiver_cpu:.2f}"),
         Row("heal", "donor CPU s/GB", f"{donor_cpu:.2f}"),
         Row(
             "heal",
             "receiver peak extra MB",
             f"{peak:.0f}",
-            f"~ parallel x chunk = {expected_mb:g}",
-            peak <= 1.5 * expected_mb,
+            f"<= parallel x chunk = {expected_mb:g}",
+            peak <= expected_mb,
         ),
     ]
     rows += [
@@ -302,7 +320,8 @@ def transfer_report(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]
         "heal_gbps": round(heal_gbps, 3),
         "heal_after_publish_gbps": round(after_publish, 3),
         "raw_loopback_gbps": round(raw_gbps, 3),
-        "heal_to_raw_ratio": round(heal_gbps / raw_gbps, 3),
+        "heal_to_raw_ratio": round(ratio, 3),
+        "heal_ratio_to_raw": round(ratio, 3),
         "heal_peak_extra_mb": round(peak, 1),
         "receiver_cpu_s_per_gb": round(receiver_cpu, 3),
         "donor_cpu_s_per_gb": round(donor_cpu, 3),
