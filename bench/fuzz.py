@@ -28,11 +28,10 @@ store included).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from bench._common import Row, parser, percentile, print_table, write_json  # noqa: E402
 from ftwire import guard, protocol  # noqa: E402
 from ftwire.messages import Member  # noqa: E402
-from lighthouse.cli import listening_url  # noqa: E402
+from tests.procs import Proc, process_pool, start_lighthouse, temporary_log  # noqa: E402
 
 TOKEN = "bench-fuzz-token"
 AVAILABILITY = {(503, "group_round_failed"), (504, "timeout"), (503, "not_ready")}
@@ -93,16 +92,6 @@ def serve_group() -> None:
         await asyncio.Event().wait()
 
     asyncio.run(main())
-
-
-def start(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
 
 
 def rss_mb(pid: int) -> float:
@@ -298,29 +287,28 @@ async def run(quick: bool) -> dict[str, Any]:
     workers = 16 if quick else 32
     with tempfile.NamedTemporaryFile("w", suffix=".token", delete=False) as f:
         f.write(TOKEN)
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        lh = start(
-            [
-                "-m", "lighthouse.cli", "--bind", "127.0.0.1:0", "--token-file", f.name,
-                "--min-replicas", "2", "--join-timeout-ms", "5000", "--log-format", "json",
-            ]
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(os.unlink, f.name)
+        procs = cleanup.enter_context(process_pool())
+        # The daemon's warnings about hostile requests go to a file, not through our reader.
+        lh, lighthouse = start_lighthouse(
+            procs,
+            "--token-file", f.name, "--min-replicas", "2", "--join-timeout-ms", "5000",
+            "--log-format", "json",
+            log=temporary_log("fuzz-lighthouse"),
         )  # fmt: skip
-        procs.append(lh)
-        assert lh.stdout is not None
-        lighthouse = ""
-        while not lighthouse:
-            line = lh.stdout.readline()
-            if not line:
-                raise RuntimeError("the lighthouse exited before listening")
-            lighthouse = listening_url(line) or ""
-        grp = start([str(Path(__file__)), "--serve-group"])
+        grp = Proc(
+            "group",
+            [sys.executable, str(Path(__file__)), "--serve-group"],
+            log=temporary_log("fuzz-group"),
+        )
         procs.append(grp)
-        assert grp.stdout is not None
-        addresses = json.loads(grp.stdout.readline())
+        addresses = json.loads(grp.wait_for("{", timeout=60))
         urls = {"lighthouse": lighthouse, **addresses}
         rounds_file = f.name + ".rounds"
-        honest = start([str(Path(__file__)), "--honest", lighthouse, rounds_file])
+        honest = Proc(
+            "honest", [sys.executable, str(Path(__file__)), "--honest", lighthouse, rounds_file]
+        )
         procs.append(honest)
         await asyncio.sleep(3 if quick else 10)  # the baseline rounds
         connector = aiohttp.TCPConnector(limit=0)
@@ -332,20 +320,13 @@ async def run(quick: bool) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
             ended = time.time()
             after = {"lighthouse": rss_mb(lh.pid), "group": rss_mb(grp.pid)}
-        crashes = sum(p.poll() is not None for p in procs)
-        os.kill(honest.pid, signal.SIGKILL)
-        honest.wait()
-        with open(rounds_file) as record:
-            rounds = [json.loads(line) for line in record.read().splitlines() if line]
-        os.unlink(rounds_file)
-        baseline = [t for start_s, t in rounds if start_s + t < began]
-        under = [t for start_s, t in rounds if start_s < ended and start_s + t > began]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-        os.unlink(f.name)
+        crashes = sum(not p.alive for p in procs)
+        honest.kill()
+    with open(rounds_file) as record:
+        rounds = [json.loads(line) for line in record.read().splitlines() if line]
+    os.unlink(rounds_file)
+    baseline = [t for start_s, t in rounds if start_s + t < began]
+    under = [t for start_s, t in rounds if start_s < ended and start_s + t > began]
     delay = (percentile(under, 99) - percentile(baseline, 99)) * 1000
     return {
         "requests": tally.requests,

@@ -200,12 +200,18 @@ def process_pool(save_to: Path | None = None) -> Iterator[list[Proc]]:
 
 
 def start_lighthouse(
-    procs: list[Proc], *flags: str, port: int = 0, env: Mapping[str, str] | None = None
+    procs: list[Proc],
+    *flags: str,
+    port: int = 0,
+    env: Mapping[str, str] | None = None,
+    log: IO[str] | None = None,
 ) -> tuple[Proc, str]:
+    """A lighthouse on loopback (``port`` 0: a free one) and its URL, once it listens."""
     proc = Proc(
         "lighthouse",
         [sys.executable, "-m", "lighthouse.cli", "--bind", f"127.0.0.1:{port}", *flags],
         env=env,
+        log=log,
     )
     procs.append(proc)
     url = listening_url(proc.wait_for(LISTENING, timeout=30))
