@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hash": tensors_hash(state),
                 "rolled_back_to_backup": report.committed
                 or all(torch.equal(p.detach(), b) for p, b in pairs),
-                "loss": last_loss if first else None,
+                "loss": last_loss if first and math.isfinite(last_loss) else None,
                 "eval_loss": evaluated,
                 "inner_steps": worker.inner_steps,
                 "time": time.time(),
