@@ -7,6 +7,7 @@ core (:mod:`lighthouse.quorum`) and the groups' planner
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,8 +87,9 @@ class Quorum:
     # from_step; the server adds them to the answer.
     settings: tuple[SettingsChange, ...] = ()
 
-    @property
+    @functools.cached_property
     def replica_ids(self) -> tuple[str, ...]:
+        """The members' ids, in the quorum's order (computed once: the core asks often)."""
         return tuple(m.replica_id for m in self.members)
 
 

@@ -9,7 +9,6 @@ server turns into a 400 with the message -- never a crash.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -71,24 +70,31 @@ def pack(message: Mapping[str, Any]) -> bytes:
     return packed
 
 
-def _check_shape(message: Any, limits: Limits) -> None:
-    """Depth and node count, without recursion (a deep message cannot exhaust the stack)."""
-    nodes = 0
-    stack: list[tuple[Any, int]] = [(message, 1)]
+def _check_shape(message: Any, limits: Limits, size: int) -> None:
+    """Depth and node count, without recursion (a deep message cannot exhaust the stack).
+
+    Only containers are walked: map keys are strings or bytes (strict_map_key)
+    and scalars cannot nest.  Every value takes at least one byte, so a body
+    of at most ``max_nodes`` bytes cannot exceed the node limit and is not
+    counted: the check costs little on the daemon's hot path (every join and
+    heartbeat).
+    """
+    count = size > limits.max_nodes
+    nodes = 1
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(message, 1)]
     while stack:
         value, depth = stack.pop()
-        nodes += 1
-        if nodes > limits.max_nodes:
-            raise ProtocolError(f"message has more than {limits.max_nodes} values")
         if isinstance(value, dict):
-            children: Any = itertools.chain(value.keys(), value.values())
-        elif isinstance(value, list):
-            children = value
+            children: Any = value.values()
+            nodes += 2 * len(value)
         else:
-            continue
+            children = value
+            nodes += len(value)
+        if count and nodes > limits.max_nodes:
+            raise ProtocolError(f"message has more than {limits.max_nodes} values")
         if depth >= limits.max_depth and value:
             raise ProtocolError(f"message is nested deeper than {limits.max_depth} levels")
-        stack.extend((child, depth + 1) for child in children)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def describe(value: Any) -> str:
@@ -119,7 +125,7 @@ def unpack(body: bytes, limits: Limits = REQUEST) -> dict[str, Any]:
         raise ProtocolError(f"body is not valid msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"message must be a map, got {type(message).__name__}")
-    _check_shape(message, limits)
+    _check_shape(message, limits, len(body))
     version = message.get("v")
     # Type-strict: True and 1.0 equal 1 in Python, but are not version 1.
     if type(version) is not int or version != PROTOCOL_VERSION:
@@ -152,7 +158,7 @@ def unpack_json(body: bytes, limits: Limits = REQUEST) -> dict[str, Any]:
         raise ProtocolError(f"body is not valid JSON: {e}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"message must be an object, got {type(message).__name__}")
-    _check_shape(message, limits)
+    _check_shape(message, limits, len(body))
     message.setdefault("v", PROTOCOL_VERSION)
     version = message["v"]
     if type(version) is not int or version != PROTOCOL_VERSION:
@@ -450,7 +456,6 @@ def decode_error(body: bytes) -> tuple[str, str]:
         return "unknown", body[:512].decode("utf-8", "replace")
 
 
-EVENT_QUORUM = "quorum"
 EVENT_MEMBER_LOST = "member_lost"
 EVENT_HEARTBEAT = "heartbeat"
 

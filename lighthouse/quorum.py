@@ -177,6 +177,11 @@ class QuorumCore:
         self._committed: dict[str, tuple[int, str]] = {}
         self._step_counts: dict[int, int] = {}
         self._newest = 0
+        # For the first quorum (see _startup_wait), kept as joins arrive so
+        # that no event scans the joiners: the most NUM_REPLICA_GROUPS any
+        # joiner declared, and whether one joined past step 0.
+        self._expected_groups = 0
+        self._joined_past_zero = False
         # The newest committed state the job ever reached, and who held it.
         self._high = Reference(0, GENESIS, ())
         # Fencing: quorum ids whose commit was decided, and why the previous
@@ -254,6 +259,8 @@ class QuorumCore:
         self._joiners[rid] = (member, earlier[1] if earlier is not None else now)
         if member.join_grace is not None:
             self._grace = min(self._grace, member.join_grace)
+        self._expected_groups = max(self._expected_groups, member.expected_groups)
+        self._joined_past_zero = self._joined_past_zero or member.step > 0
         self._prev_missing.discard(rid)
         if is_clean(member):
             self._know(rid, member.step, member.history)
@@ -495,9 +502,8 @@ class QuorumCore:
 
     def _startup_wait(self, now: float, waited: float, summary: str) -> str | None:
         """Why this lighthouse's first quorum must wait longer, if it must."""
-        joiners = [m for m, _ in self._joiners.values()]
-        expected = max(m.expected_groups for m in joiners)
-        if self._newest > 0 or any(m.step > 0 for m in joiners):
+        expected = self._expected_groups
+        if self._newest > 0 or self._joined_past_zero:
             # A job under way: unless every group it has is back, give every
             # live replica one heartbeat timeout to reconnect and tell its
             # step before anything forms.
@@ -509,7 +515,7 @@ class QuorumCore:
                     f" {self.config.heartbeat_timeout:g}s to reconnect first"
                 )
             return None
-        if len(joiners) < expected and waited < self.config.join_timeout:
+        if len(self._joiners) < expected and waited < self.config.join_timeout:
             return (
                 f"waiting: {summary}, a new job's first quorum waits for the"
                 f" {expected} groups of NUM_REPLICA_GROUPS"
