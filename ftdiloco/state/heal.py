@@ -9,8 +9,11 @@ Publishing does no work proportional to the state: nothing is read until a
 receiver asks for a chunk.  The donor then checksums the bytes it just copied
 out and sends the checksum with them, so the receiver can tell a chunk
 corrupted on the way (refetched) from a donor that went away
-(:class:`HealError`).  Concatenating all chunks yields a file that
-``safetensors.torch.load`` reads; no pickle is involved anywhere.
+(:class:`HealError`).  The receiver reads each chunk from the socket straight
+into the destination tensors and hashes it as it arrives, so a heal costs
+each side little more than the socket copy itself.  Concatenating all chunks
+yields a file that ``safetensors.torch.load`` reads; no pickle is involved
+anywhere.
 
 Endpoints (mounted on the manager's aiohttp app by :meth:`StateServer.add_routes`):
 
@@ -695,18 +698,20 @@ class _Fetch:
         # For destinations a socket cannot reach; allocated only if there are any.
         staging = bytearray(layout.chunk_bytes if None in landings else 0)
         refetches = 0
+        # Connects on its first request (and again if the donor closes it).
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        with self._lock:
+            if self._connections is None:
+                return refetches
+            self._connections.append(connection)
         try:
-            connection.connect()
-            with self._lock:
-                if self._connections is None:
-                    return refetches
-                self._connections.append(connection)
-            while True:
+            # Checked before each chunk: stop() cannot shut down a connection
+            # that was not open yet.
+            while self._connections is not None:
                 try:
                     index = pending.get_nowait()
                 except queue.Empty:
-                    return refetches
+                    break
                 for attempt in Retrying(
                     stop=stop_after_attempt(_CHECKSUM_ATTEMPTS),
                     retry=retry_if_exception_type(_ChecksumMismatch),
@@ -716,6 +721,7 @@ class _Fetch:
                         if attempt.retry_state.attempt_number > 1:
                             refetches += 1
                         self.chunk(connection, layout, index, targets, landings, staging)
+            return refetches
         except (OSError, http.client.HTTPException) as e:
             raise HealError(
                 f"donor {self.address} went away: {type(e).__name__}: {e}", "donor_gone"
@@ -803,7 +809,8 @@ async def fetch_state(
     with each (a damaged chunk is fetched again, a few times).  They are
     read straight into ``into``'s memory, so the extra memory is a few
     buffers per connection; only a destination on a GPU is staged through
-    one chunk per connection.
+    one chunk per connection.  ``session``, if given, carries the manifest
+    request; the chunks go over connections of their own.
 
     Contract: on HealError (``code``: ``step_mismatch``, ``not_ready``,
     ``unauthorized``, ``layout_mismatch``, ``checksum``, ``donor_gone``,
