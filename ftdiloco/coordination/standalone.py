@@ -9,6 +9,11 @@ outer step commits, the exchange returns the group's own pseudo-gradient
 "callback is a no-op" mode, so the script's loop, optimizers, data and
 logging can be checked on one machine without any other process.
 
+DyLU and asynchronous DiLoCo run too: the group's join info comes back as
+its own ``plan.peer_info``, so alone it is the fastest group (H is
+``sync_every``) and its weight in the outer step is 1 (0 in the first, empty
+one); the grace has no straggler to cut short.
+
 What it does not do: no fault tolerance (no peers to heal from, no
 rollback), no checkpoints (``maybe_checkpoint`` never saves), and no
 compression round trip (the pseudo-gradient is used as is).  Each rank of
@@ -18,7 +23,8 @@ every step commits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -57,6 +63,7 @@ class StandaloneManager:
         self._states = StateRegistry()
         self.last_sync: SyncReport | None = None
         self.last_loss: float | None = None
+        self._info: dict[str, int | float | str | bool] = {}
 
     # -- what DiLoCo uses ---------------------------------------------------------------
 
@@ -94,19 +101,38 @@ class StandaloneManager:
             donor=None,
             store_address="",
             store_prefix="",
+            peer_info={me: dict(self._info)},
         )
         return self._plan
+
+    def set_join_info(self, info: Mapping[str, int | float | str | bool]) -> None:
+        """What the next join would tell the peers: alone, it comes back as ``plan.peer_info``."""
+        self._info = dict(info)
+
+    def set_join_grace(self, seconds: float | None) -> None:
+        """Checked as the Manager checks it; alone there is no straggler to wait for."""
+        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"join grace must be a finite number of seconds >= 0, got {seconds}")
 
     def allreduce(
         self,
         tensors: Sequence[torch.Tensor],
         *,
+        weight: float | None = None,
         codec: Codec | None = None,
         residuals: Sequence[torch.Tensor | None] | None = None,
     ) -> Work:
-        """The average over one participant: the tensors, unchanged; nothing is sent."""
+        """The average over one participant: the tensors, unchanged; nothing is sent.
+
+        With a ``weight`` the result is the weighted sum over the participants,
+        as the Manager's: here ``tensors * weight`` (1, or 0 when the group
+        brings no work yet).
+        """
         from ftdiloco.coordination.allreduce import Work
 
+        if weight is not None and weight != 1.0:
+            for t in tensors:
+                t.mul_(weight)
         work = Work.done(True)
         work.nbytes = 0
         return work
