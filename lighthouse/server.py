@@ -329,6 +329,8 @@ class LighthouseServer:
         self._connections: set[_Connection] = set()
         self._open = 0  # waiting joins + WebSockets, capped at max_connections
         self._formed_unix = 0.0
+        # Whether member_lost went out for the quorum formed last (see _evicted).
+        self._lost_announced = False
         self._timer: asyncio.TimerHandle | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
@@ -508,10 +510,16 @@ class LighthouseServer:
             # timeout while the others form quorums without it.
             message = f"replica {rid} was evicted while waiting ({cause}); join again"
             self._resolve(rid, _HttpError(503, "evicted", message, replica=rid))
-        if eviction.in_quorum and quorum is not None:
+        if eviction.in_quorum and quorum is not None and not self._lost_announced:
+            # The first loss breaks the quorum for all of its members; telling
+            # them of every later loss would only cost O(members) pushes each
+            # (1000 x 1000 when a whole job goes at once).  Non-members do not care.
+            self._lost_announced = True
             lost = protocol.encode_member_lost(rid, cause, quorum.quorum_id)
-            for conn in self._sockets.values():
-                conn.push(lost)
+            for member in quorum.replica_ids:
+                conn = self._sockets.get(member)
+                if conn is not None:
+                    conn.push(lost)
 
     def _release(self, quorum: Quorum, reason: str) -> None:
         """Hand the quorum to every member's waiting join, encoded once for all of them.
@@ -522,6 +530,7 @@ class LighthouseServer:
         replicas).
         """
         self._formed_unix = time.time() - (self._loop.time() - quorum.created)
+        self._lost_announced = False
         try:
             step = quorum_step(quorum)
             changes = self.settings.for_quorum(step)
