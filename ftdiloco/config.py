@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from ftwire import guard
-from ftwire.protocol import MAX_ID_LEN
+from ftwire.protocol import MAX_ID_LEN, ROOM_NAME, ROOMS_PATH
 
 log = structlog.get_logger(__name__)
 
@@ -184,10 +184,17 @@ def _is_host(text: str) -> bool:
 
 
 def _normalise_lighthouse(variable: str, address: str) -> str:
-    """``host:port`` or ``http(s)://host:port[/]`` -> ``scheme://host:port``."""
+    """``host:port`` or ``http(s)://host:port[/rooms/NAME][/]`` -> ``scheme://host:port[/rooms/NAME]``.
+
+    A path may only name a room of the lighthouse (a pipeline stage's quorum,
+    see lighthouse.rooms).
+    """
     text = address.strip()
     url = text if "://" in text else f"http://{text}"
-    problem = f"{variable}: lighthouse address {address!r} is not host:port or http://host:port"
+    problem = (
+        f"{variable}: lighthouse address {address!r} is not host:port, http://host:port"
+        " or http://host:port/rooms/NAME"
+    )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -199,7 +206,7 @@ def _normalise_lighthouse(variable: str, address: str) -> str:
         or host is None
         or not _is_host(host)
         or not port
-        or parts.path not in ("", "/")
+        or not _lighthouse_path(parts.path)
         or parts.query
         or parts.fragment
         or parts.username is not None
@@ -207,7 +214,15 @@ def _normalise_lighthouse(variable: str, address: str) -> str:
         raise ConfigError(problem)
     if ":" in host:
         host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{port}"
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def _lighthouse_path(path: str) -> bool:
+    """Nothing, ``/``, or a room: ``/rooms/NAME`` (a trailing ``/`` allowed)."""
+    room = path.rstrip("/")
+    if not room:
+        return True
+    return room.startswith(ROOMS_PATH) and bool(ROOM_NAME.fullmatch(room[len(ROOMS_PATH) :]))
 
 
 def _is_none(addresses: Iterable[str]) -> bool:

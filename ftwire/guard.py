@@ -33,6 +33,7 @@ SCHEME = "bearer"
 ROUTINE = frozenset(
     {
         "timeout",
+        "busy",
         "superseded",
         "evicted",
         "shutting_down",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -303,6 +304,12 @@ def encode_quorum(
 
 
 # -- live settings ----------------------------------------------------------------
+
+
+# A lighthouse serves named quorums ("rooms") under ROOMS_PATH + name; a room
+# name is URL-safe so that it travels in a path unescaped.
+ROOMS_PATH = "/rooms/"
+ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 # Changes one quorum carries at most (the one in effect and those decided after it).

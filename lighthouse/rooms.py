@@ -25,7 +25,6 @@ at once (its liveness socket closed).
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -35,11 +34,9 @@ from prometheus_client.metrics_core import Metric
 
 from ftwire import guard
 from ftwire.messages import DATA_INFO, Member
+from ftwire.protocol import ROOM_NAME, ROOMS_PATH
 from lighthouse.quorum import QuorumCore
 from lighthouse.server import LighthouseServer, ServerConfig
-
-ROOMS_PATH = "/rooms/"
-_ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def parse_rooms(text: str) -> tuple[str, ...]:
@@ -48,7 +45,7 @@ def parse_rooms(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("give at least one room name")
     for name in names:
-        if not _ROOM_NAME.fullmatch(name):
+        if not ROOM_NAME.fullmatch(name):
             raise ValueError(
                 f"room name {name!r} must be 1-64 letters, digits, '_', '.' or '-',"
                 " starting with a letter or digit"

@@ -480,3 +480,32 @@ def test_an_entry_point_prints_one_line_and_exits_2(capsys: pytest.CaptureFixtur
         Config.from_env({"FTDILOCO_LIGHTHOUSE": "lh:1", "RANK": "x"})
     assert info.value.code == 2
     assert capsys.readouterr().err == "train.py: RANK='x' is not an integer\n"
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("lh:29510/rooms/stage0", "http://lh:29510/rooms/stage0"),
+        ("http://lh:29510/rooms/stage-1.a/", "http://lh:29510/rooms/stage-1.a"),
+        ("https://[::1]:7/rooms/s_0", "https://[::1]:7/rooms/s_0"),
+    ],
+)
+def test_a_room_of_a_lighthouse_is_an_address(address: str, expected: str) -> None:
+    """A pipeline stage joins its room: the lighthouse URL with /rooms/NAME."""
+    assert Config.from_env({"FTDILOCO_LIGHTHOUSE": address}).lighthouse == (expected,)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "lh:1/rooms/",
+        "lh:1/rooms",
+        "lh:1/rooms/-x",
+        "lh:1/rooms/a/b",
+        "lh:1/room/a",
+        "lh:1/rooms/a%20b",
+    ],
+)
+def test_a_path_other_than_a_room_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"is not host:port, http://host:port or http://host:port/rooms/NAME"):
+        Config.from_env({"FTDILOCO_LIGHTHOUSE": address})
