@@ -42,13 +42,16 @@ import structlog
 
 from ftwire import guard
 from ftwire.protocol import MAX_ID_LEN, ROOM_NAME, ROOMS_PATH
+from lighthouse.client import DEFAULT_HEARTBEAT_INTERVAL
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
 # Heartbeats must be much more frequent than the deadlines they feed (a
-# twentieth of the timeout), but more than two a second buys nothing.
-MAX_DEFAULT_HEARTBEAT_INTERVAL = 0.5
+# twentieth of the timeout), but a dead process closes its liveness socket and
+# is evicted at once: the beat only has to catch a frozen host within the
+# lighthouse's heartbeat timeout (5 s by default), so once a second is enough.
+MAX_DEFAULT_HEARTBEAT_INTERVAL = DEFAULT_HEARTBEAT_INTERVAL
 
 # The variable behind each field, so every error names what the user set.
 ENV_VARS: dict[str, str] = {

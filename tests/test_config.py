@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "quorum_timeout": 60.0,
     "collective_timeout": 60.0,
     "heal_timeout": 60.0,
-    "heartbeat_interval": 0.5,
+    "heartbeat_interval": 1.0,
     "init_sync": True,
 }
 
