@@ -51,7 +51,7 @@ from ftdiloco.examples.train_diloco import (
     split_heldout,
 )
 from ftdiloco.swarm import FORWARD, INFO_ADDRESS, Forwarder, StageServer, StageWorker, split_layers
-from ftdiloco.swarm.worker import Room, in_room
+from ftdiloco.swarm.worker import Room
 from ftdiloco.training import events
 from ftdiloco.training.diloco import DiLoCo, optimizer_tensors, tensors_hash
 from ftwire import logs
@@ -83,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eval-every", type=int, default=5, help="held-out loss every N outer steps")
     add("--eval-batches", type=int, default=8, help="held-out batches (%(default)s)")
     add("--slowdown", type=float, default=1.0, help="compute this many times slower (bench)")
+    add(
+        "--routing",
+        choices=("weighted", "uniform"),
+        default="weighted",
+        help="next-stage worker drawn by measured throughput (SWARM) or uniformly, as the "
+        "DiLoCo-SWARM report's code does, to compare (%(default)s)",
+    )
+    add("--times", help="first stage: append each finished micro-batch's wall time here (bench)")
     add("--upstream-grace", type=float, default=10.0, help="see above (%(default)s s)")
     add("--records", help="append one JSON line per outer step to this file (tests)")
     args = parser.parse_args(argv)
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.standalone or not config.lighthouse:
         raise SystemExit(f"{PROGRAM}: a pipeline needs a lighthouse with rooms (not 'none')")
     base = config.lighthouse[0]
-    config = in_room(config, room_url(base, stage_room(args.stage)))
+    # This worker's quorum is its stage's room: a lighthouse address like any other.
+    config = dataclasses.replace(config, lighthouse=(room_url(base, stage_room(args.stage)),))
     first, last = args.stage == 0, args.stage == args.stages - 1
     name = f"stage{args.stage}/worker{config.replica_group_id}"
 
@@ -154,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     module = split_layers(gpt_layers(gpt), args.stages)[args.stage]
     inner = torch.optim.AdamW(module.parameters(), lr=args.lr, betas=(0.9, 0.95))
     outer = torch.optim.SGD(
-        module.parameters(), lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True
+        module.parameters(),
+        lr=args.outer_lr,
+        momentum=args.outer_momentum,
+        nesterov=args.outer_momentum > 0,  # momentum 0 (plain averaging) is not Nesterov
     )
 
     def paused(reason: str | None) -> None:
@@ -171,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=config.collective_timeout,
             on_pause=paused,
             seed=args.seed * 1000 + args.stage * 100 + int(config.replica_group_id),
+            weighted=args.routing == "weighted",
         )
     )
     upstream = None if first else Room(room_url(base, stage_room(args.stage - 1)), config.token)
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         slowdown=args.slowdown,
     )
     records: IO[str] | None = open(args.records, "a") if args.records else None  # noqa: SIM115
+    times: IO[str] | None = open(args.times, "a") if args.times else None  # noqa: SIM115
     print(
         f"{name} | {sum(p.numel() for p in module.parameters()) / 1e6:.3f}M parameters"
         f" | room {config.lighthouse[0]}",
@@ -267,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                 loss = worker.train(x, y)
                 if loss is not None:
                     losses.append(loss)
+                    if times is not None:
+                        times.write(f"{time.time():.6f}\n")
+                        times.flush()
                 after_step(eval_batches)
                 if manager.step >= args.outer_steps:
                     break
@@ -299,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     for part in (forwarder, upstream, server):
         if part is not None:
             part.close()
-    if records is not None:
-        records.close()
+    for file in (records, times):
+        if file is not None:
+            file.close()
     return 0
 
 

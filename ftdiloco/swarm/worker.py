@@ -21,7 +21,6 @@ worker's unsaved work died with it), or dropped when a deadline passed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -31,24 +30,10 @@ import aiohttp
 import torch
 from torch import nn
 
-from ftdiloco.config import Config
 from ftdiloco.swarm.routing import PeerList, choose, pipeline_pause, routing_weights
 from ftdiloco.swarm.transport import Lost, Resend, StageServer, exchange
 from ftwire import guard
 from ftwire.background import BackgroundLoop
-
-
-def in_room(config: Config, url: str) -> Config:
-    """``config`` with its lighthouse replaced by a room's URL (``lighthouse.rooms.room_url``).
-
-    Config checks FTDILOCO_LIGHTHOUSE as a bare ``scheme://host:port`` and
-    refuses a path, while a room is a path under its daemon; so the checked
-    config is copied and only the address is set, on the copy.
-    """
-    copy = dataclasses.replace(config)
-    object.__setattr__(copy, "lighthouse", (url,))
-    return copy
-
 
 # Tensor names on the wire: forward (activations, targets), backward (gradient, loss).
 FORWARD = frozenset({"x", "y"})
@@ -95,7 +80,9 @@ class Forwarder:
     """Sends micro-batches to the next stage's room by SWARM's rule.
 
     ``on_pause`` is called with the reason when the next stage has no live
-    worker, and with None when the pipeline moves again.
+    worker, and with None when the pipeline moves again.  ``weighted=False``
+    ignores the measured rates and draws uniformly (the DiLoCo-SWARM
+    report's rule), so that a benchmark can compare the two.
     """
 
     def __init__(
@@ -107,8 +94,10 @@ class Forwarder:
         timeout: float,
         on_pause: Callable[[str | None], None],
         seed: int = 0,
+        weighted: bool = True,
     ) -> None:
         self.stage = stage
+        self.weighted = weighted
         self.counters = Counters()
         self.rates: dict[str, float] = {}
         self.paused: str | None = None
@@ -131,7 +120,8 @@ class Forwarder:
         attempt = 0
         while True:
             peers = await self.peers.refresh(now=attempt > 0 and not self.peers.peers)
-            weights = routing_weights(peers, self.rates, frozenset(self.peers.failed))
+            rates = self.rates if self.weighted else {}
+            weights = routing_weights(peers, rates, frozenset(self.peers.failed))
             self._set_paused(pipeline_pause({self.stage + 1: len(weights)}))
             if not weights:
                 await self.peers.wait_listed(time.monotonic() + 1.0)
