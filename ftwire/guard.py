@@ -164,6 +164,24 @@ def reply(request: web.Request, message: dict[str, Any], status: int = 200) -> w
     )
 
 
+# The one policy for the pages a server serves (dashboards): their own inline
+# script and style only, fetches back to the same server, nothing else.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+    " connect-src 'self'"
+)
+
+
+def page(html: bytes) -> web.Response:
+    """A dashboard page, under :data:`PAGE_POLICY` and never cached (it shows live state)."""
+    return web.Response(
+        body=html,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-store"},
+    )
+
+
 def error_response(
     status: int, code: str, message: str, request: web.Request | None = None
 ) -> web.Response:
