@@ -80,9 +80,14 @@ ENV_VARS: dict[str, str] = {
     "mode": "FTDILOCO_MODE",
     "async_grace": "FTDILOCO_ASYNC_GRACE",
     "momentum_every": "FTDILOCO_MOMENTUM_EVERY",
+    "topology": "FTDILOCO_TOPOLOGY",
+    "hub": "FTDILOCO_HUB",
 }
 # FTDILOCO_MODE: every group waits for the others (sync) or only for a grace window (async).
 MODES = ("sync", "async")
+# FTDILOCO_TOPOLOGY: groups reach each other (direct, with a lighthouse), or
+# talk only to a hub that holds the global weights (ftdiloco.hub).
+TOPOLOGIES = ("direct", "hub")
 LIGHTHOUSE_ALIAS = "TORCHFT_LIGHTHOUSE"
 TOKEN_FILE = "FTDILOCO_TOKEN_FILE"
 # FTDILOCO_LIGHTHOUSE=none: train as one group, without a lighthouse.
@@ -172,6 +177,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "mode": _parse_str,
     "async_grace": _parse_float,
     "momentum_every": _parse_int,
+    "topology": _parse_str,
+    "hub": _parse_str,
 }
 
 
@@ -218,6 +225,23 @@ def _normalise_lighthouse(variable: str, address: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def _normalise_hub(variable: str, address: str) -> str:
+    """``host:port`` or ``http://host:port[/]`` -> ``http://host:port``: one port, no path."""
+    url = address.strip() if "://" in address else f"http://{address.strip()}"
+    problem = f"{variable}: hub address {address!r} is not host:port or http://host:port"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{problem} ({e})") from None
+    host = parts.hostname
+    if parts.scheme != "http" or host is None or not _is_host(host) or not port:
+        raise ConfigError(problem)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(problem)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _lighthouse_path(path: str) -> bool:
@@ -346,6 +370,10 @@ class Config:
     mode: str = "sync"
     async_grace: float = 1.0
     momentum_every: int | None = None
+    # FTDILOCO_TOPOLOGY: "direct" (a lighthouse, groups reach each other) or
+    # "hub" (every group talks only to the hub at ``hub``, http://host:port).
+    topology: str = "direct"
+    hub: str | None = None
 
     def __post_init__(self) -> None:
         _check("rank", self.rank, self.rank >= 0, "must be >= 0")
@@ -379,11 +407,12 @@ class Config:
                     f"NUM_REPLICA_GROUPS={self.num_replica_groups} but "
                     f"{ENV_VARS['lighthouse']}={NO_LIGHTHOUSE}: a standalone job is one group"
                 )
-        else:
+        elif self.topology != "hub":
             # Validates values given as overrides; idempotent for those from the environment.
             object.__setattr__(
                 self, "lighthouse", _lighthouses(ENV_VARS["lighthouse"], self.lighthouse)
             )
+        self._check_topology()
         _check(
             "replica_id",
             self.replica_id,
@@ -443,6 +472,30 @@ class Config:
                 f"needs {ENV_VARS['checkpoint_dir']} (where to save)",
             )
 
+    def _check_topology(self) -> None:
+        """A hub job names its hub and no lighthouse; a direct job names no hub."""
+        t = ENV_VARS["topology"]
+        _check(
+            "topology",
+            self.topology,
+            self.topology in TOPOLOGIES,
+            f"must be one of {', '.join(TOPOLOGIES)}",
+        )
+        if self.topology == "direct":
+            if self.hub is not None:
+                raise ConfigError(
+                    f"{ENV_VARS['hub']}={self.hub!r} but {t}=direct: set {t}=hub to use the hub"
+                )
+            return
+        if self.hub is None:
+            raise ConfigError(f"{t}=hub needs {ENV_VARS['hub']} (the hub's URL, host:port)")
+        if self.lighthouse or self.standalone:
+            raise ConfigError(
+                f"{ENV_VARS['lighthouse']} is set but {t}=hub: groups talk only to the hub;"
+                f" unset {ENV_VARS['lighthouse']}"
+            )
+        object.__setattr__(self, "hub", _normalise_hub(ENV_VARS["hub"], self.hub))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         """Read ``env`` (default ``os.environ``), apply ``overrides``, validate, warn.
@@ -472,12 +525,21 @@ class Config:
             if token is not None:
                 given["token"] = token
         given.update(overrides)
+        if given.get("hub") is not None:
+            given.setdefault("topology", "hub")  # the hub's URL alone says it
+        if given.get("topology") == "hub":
+            # No lighthouse to find: the hub is the only server a group talks to
+            # (one given anyway is refused by the validation, naming it).
+            given.setdefault("standalone", given.get("lighthouse") == ())  # "none"
+            given.setdefault("lighthouse", ())
         if isinstance(given.get("lighthouse"), str):
             given["lighthouse"] = given["lighthouse"].split(",")
         # () from the environment is its explicit "none"; an empty override is an
         # omission, which the validation below refuses.
         from_env_none = "lighthouse" not in overrides and given.get("lighthouse") == ()
-        if from_env_none or _is_none(given.get("lighthouse", ())):
+        if given.get("topology") == "hub":
+            pass  # the lighthouse's absence is no "none"
+        elif from_env_none or _is_none(given.get("lighthouse", ())):
             given["lighthouse"] = ()
             given.setdefault("standalone", True)
         if "lighthouse" not in given:
