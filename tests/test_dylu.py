@@ -7,11 +7,16 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from ftdiloco.config import Config
+from ftdiloco.coordination.standalone import StandaloneManager
+from ftdiloco.training.diloco import DiLoCo, LocalSGD
 from ftdiloco.training.hetero import (
     Contribution,
     contribution_weights,
     delayed_nesterov_,
+    join_grace,
     local_steps,
     momentum_due,
     period_position,
@@ -162,3 +167,86 @@ def test_delayed_nesterov_steps_plainly_and_moves_the_momentum_with_the_mean() -
     momentum = 2.0
     expected = 1.0 - 0.7 * 1.0 - 0.7 * (3.0 + 0.9 * momentum)
     assert torch.allclose(out, torch.full((3,), expected, dtype=torch.float64))
+
+
+# -- async: each join's straggler grace ------------------------------------------------------
+
+# A fast group's trip took 1.2 s; the user's grace is 0.2 s; groups of one speed join within 5%.
+ELAPSED, GRACE, JITTER = 1.2, 0.2, 0.06
+
+
+def test_a_slow_group_that_just_left_is_not_waited_for() -> None:
+    """The other fast group is due now, the slow one in 1.2 s: form as soon as the fast are in."""
+    assert join_grace(GRACE, ELAPSED, [0.0, 1.2], jitter=JITTER) == pytest.approx(JITTER)
+    # ... waiting for a fast group due a little later, never longer than the grace.
+    assert join_grace(GRACE, ELAPSED, [0.1, 1.2], jitter=JITTER) == pytest.approx(0.16)
+    assert join_grace(GRACE, ELAPSED, [0.19, 5.0], jitter=JITTER) == GRACE
+
+
+def test_a_group_that_may_be_waiting_gets_the_whole_trip() -> None:
+    """A late group due about now (or long ago) may be in the lighthouse already: the wait counts
+    from its join, so the grace spans two trips of this group: the other fast ones get in too."""
+    assert join_grace(GRACE, ELAPSED, [0.0, 0.05], jitter=JITTER) == 2 * ELAPSED + GRACE
+    assert join_grace(GRACE, ELAPSED, [0.0, -0.9, 3.0], jitter=JITTER) == 2 * ELAPSED + GRACE
+    assert join_grace(GRACE, ELAPSED, [0.0, None, 3.0], jitter=JITTER) == 2 * ELAPSED + GRACE
+
+
+def test_with_nothing_known_every_group_is_waited_for() -> None:
+    """The first period (no rates yet) runs as in sync mode, bounded by a trip and the grace."""
+    assert join_grace(GRACE, ELAPSED, [None, None], jitter=JITTER) == 2 * ELAPSED + GRACE
+    assert join_grace(GRACE, ELAPSED, [], jitter=JITTER) == 2 * ELAPSED + GRACE
+
+
+# -- one group without a lighthouse; LocalSGD refuses the modes it lacks ----------------------
+
+
+def _standalone(**settings: object) -> StandaloneManager:
+    return StandaloneManager(Config.from_env({"FTDILOCO_LIGHTHOUSE": "none"}, **settings))
+
+
+def _train(loop: DiLoCo, model: nn.Module, inner: torch.optim.Optimizer, steps: int) -> None:
+    torch.manual_seed(0)
+    for _ in range(steps):
+        model(torch.randn(4, 3)).square().mean().backward()
+        inner.step()
+        inner.zero_grad()
+
+
+@pytest.mark.parametrize("settings", [{"dylu": True}, {"mode": "async"}])
+def test_standalone_runs_dylu_and_async_alone(settings: dict[str, object]) -> None:
+    """Alone, a group is the fastest (H = sync_every) and its pseudo-gradient weighs 1."""
+    manager = _standalone(**settings)
+    model = nn.Linear(3, 2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, nesterov=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = manager.config
+    with DiLoCo(
+        manager, model, inner, outer, sync_every=3, dylu=config.dylu, mode=config.mode
+    ) as diloco:
+        _train(diloco, model, inner, 9)
+    report = manager.last_sync
+    assert report is not None and report.committed and report.participants == 1
+    assert manager.step == 4  # the first, empty step and three more
+    assert report.local_steps == 3 and report.staleness == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_standalone_weighted_allreduce_scales_by_the_weight() -> None:
+    manager = _standalone()
+    t = torch.ones(4)
+    assert manager.allreduce([t], weight=0.0).wait()
+    assert not t.any()
+    with pytest.raises(ValueError, match="join grace"):
+        manager.set_join_grace(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"mode": "async"}, "FTDILOCO_MODE=async needs DiLoCo"), ({"dylu": True}, "FTDILOCO_DYLU")],
+)
+def test_localsgd_refuses_async_and_dylu(settings: dict[str, object], message: str) -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message) as refused:
+        LocalSGD(_standalone(**settings), model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    assert "\n" not in str(refused.value)

@@ -33,6 +33,7 @@ from ftdiloco.training.hetero import (
     Contribution,
     contribution_weights,
     delayed_nesterov_,
+    join_grace,
     local_steps,
     momentum_due,
     period_position,
@@ -40,6 +41,8 @@ from ftdiloco.training.hetero import (
 )
 
 MODES = ("sync", "async")
+# Async: how far apart, as a share of a trip, groups of one speed may join.
+_JITTER = 0.05
 
 
 class OuterManager(Protocol):
@@ -104,6 +107,33 @@ class PacedManager(Protocol):
 
 
 @dataclass(frozen=True)
+class GlobalWeights:
+    """What DiLoCo hands a manager that applies the outer step itself (the hub's, ftdiloco.hub).
+
+    Such a manager writes the new global weights into ``backup`` when a step
+    commits, and DiLoCo takes them instead of stepping its own outer
+    optimizer; on a heal it writes them and calls ``adopt``.
+    """
+
+    names: tuple[str, ...]  # the trainable parameters, model order
+    backup: tuple[torch.Tensor, ...]  # their backups: this group's global weights
+    # Per fragment, per flat buffer of its pseudo-gradient: the parameter indices in it.
+    fragments: tuple[tuple[tuple[int, ...], ...], ...]
+    sync_point: torch.Tensor  # the inner step the current sync started at
+    outer_lr: float  # the outer optimizer's, for a hub that starts from this group
+    outer_momentum: float
+    nesterov: bool
+    adopt: Callable[[int], None]  # run on from the backups, at this sync point
+
+
+@runtime_checkable
+class OuterStepHost(Protocol):
+    """A manager whose server holds the global weights and applies the outer step."""
+
+    def bind_global_weights(self, weights: GlobalWeights) -> None: ...
+
+
+@dataclass(frozen=True)
 class SyncReport:
     """What one outer step did, for the training script's log line."""
 
@@ -122,6 +152,9 @@ class SyncReport:
     # Outer steps the global state moved since this group's pseudo-gradient
     # started (asynchronous DiLoCo: it joined late and was merged, discounted).
     staleness: int = 0
+    # Inner steps per second of this group's own work, as last told to its
+    # peers (DyLU, async); 0: not measured.
+    rate: float = 0.0
 
 
 def _flat_views(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -131,10 +164,8 @@ def _flat_views(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[to
     """
     flats: list[torch.Tensor] = []
     views: list[torch.Tensor] = [torch.empty(0)] * len(params)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    for dtype, indices in by_dtype.items():
+    for indices in _by_dtype(params):
+        dtype = params[indices[0]].dtype
         numel = sum(params[i].numel() for i in indices)
         flat = torch.zeros(numel, dtype=dtype, device=params[indices[0]].device)
         offset = 0
@@ -144,6 +175,14 @@ def _flat_views(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[to
             offset += n
         flats.append(flat)
     return flats, views
+
+
+def _by_dtype(params: list[nn.Parameter]) -> list[list[int]]:
+    """The parameter indices of each flat buffer: one per dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.dtype, []).append(i)
+    return list(groups.values())
 
 
 def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -240,6 +279,7 @@ class _OuterLoop:
         fragment: int = 0,
         local_steps: int | None = None,
         staleness: int = 0,
+        rate: float = 0.0,
     ) -> SyncReport:
         """``waited`` None: the sync ran on the training thread, which it blocked throughout."""
         plan = self.manager.plan
@@ -262,6 +302,7 @@ class _OuterLoop:
             fragment=fragment,
             local_steps=self.sync_every if local_steps is None else local_steps,
             staleness=staleness,
+            rate=rate,
         )
         self.manager.report_sync(self.last_sync)
         return self.last_sync
@@ -437,6 +478,7 @@ class DiLoCo(_OuterLoop):
         # pseudo-gradient is worth.
         self._trip = [0] * len(self.fragments)
         self._pace = _InnerRate()
+        self._rate = 0.0  # the last rate measured (for the reports)
         # Of the exchange in flight (set on the sync thread before it ends):
         # how many groups brought a pseudo-gradient, and how stale ours was.
         self._contributors = 0
@@ -444,9 +486,43 @@ class DiLoCo(_OuterLoop):
         # Delayed Nesterov per fragment: contributions and outer steps since
         # its momentum last moved (healed and checkpointed with the state).
         self._delayed = torch.zeros((len(self.fragments), 2), dtype=torch.int64)
+        # Async: each join's grace (hetero.join_grace) from when the others
+        # are expected: replica id -> (when its trip began, its length in
+        # seconds or None), learnt from the quorums shared with it; and when
+        # this group's last quorum formed.
+        self.grace = grace
+        self._peers: dict[str, tuple[float, float | None]] = {}
+        self._formed_at: float | None = None
         if self._paced is not None and self.asynchronous:
             self._paced.set_join_grace(grace)
         manager.register_state("diloco", self._save, self._load)
+        self._host = manager if isinstance(manager, OuterStepHost) else None
+        if self._host is not None:
+            self._bind_host(self._host, model)
+
+    def _bind_host(self, host: OuterStepHost, model: nn.Module) -> None:
+        """Hand the backups to a manager that steps the global weights itself (the hub)."""
+        if self.asynchronous:
+            raise ValueError("mode='async' does not run over a hub yet; use sync mode (or DyLU)")
+        mine = {id(p) for p in self.params}
+        first = 0
+        layout = []
+        for fragment in self.fragments:
+            layout.append(tuple(tuple(first + i for i in g) for g in _by_dtype(fragment.params)))
+            first += len(fragment.params)
+        group = self.outer_optimizer.param_groups[0]
+        host.bind_global_weights(
+            GlobalWeights(
+                names=tuple(n for n, p in model.named_parameters() if id(p) in mine),
+                backup=tuple(self.backup),
+                fragments=tuple(layout),
+                sync_point=self._sync_point,
+                outer_lr=float(group["lr"]),
+                outer_momentum=float(group.get("momentum", 0.0)),
+                nesterov=bool(group.get("nesterov", False)),
+                adopt=self._run_on_from,
+            )
+        )
 
     def _save(self) -> dict[str, torch.Tensor]:
         state = {f"backup.{i}": b for i, b in enumerate(self.backup)}
@@ -475,10 +551,14 @@ class DiLoCo(_OuterLoop):
         load_optimizer_tensors("outer", self.outer_optimizer, state)
         if self.sync_delay == 0:
             load_optimizer_tensors("inner", self.inner_optimizer, state)
+        self._run_on_from(int(state["sync_point"]))
+
+    def _run_on_from(self, sync_point: int) -> None:
+        """The backups were healed: the inner loop adopts them now, or when the sync is applied."""
         if self._in_background:
-            self._healed_sync_point = int(state["sync_point"])
+            self._healed_sync_point = sync_point
         else:
-            self._adopt_global_weights(int(state["sync_point"]))
+            self._adopt_global_weights(sync_point)
 
     def _adopt_global_weights(self, inner_steps: int) -> None:
         """Run on from the donors' weights, at their point of the schedule."""
@@ -601,6 +681,7 @@ class DiLoCo(_OuterLoop):
         """
         if join:
             self.manager.start_quorum()
+            self._formed_at = time.perf_counter()
         plan = self.manager.plan
         if plan is not None and plan.heal:
             fragment = self.fragments[plan.max_step % len(self.fragments)]
@@ -616,18 +697,61 @@ class DiLoCo(_OuterLoop):
         return work, fragment
 
     def _tell_peers(self, fragment: _Fragment) -> None:
-        """What this group's next join tells the others: rate, H_w, its pseudo-gradient's worth."""
+        """What this group's next join tells the others: rate, H_w, its pseudo-gradient's worth.
+
+        The staleness of its last contribution goes along for the operator
+        (the lighthouse's /status and dashboard); the peers do not use it.
+        """
         if self._paced is None:
             return
         rate = self._pace.take()
+        if rate is not None:
+            self._rate = rate
+        if self.asynchronous and self._formed_at is not None:
+            self._paced.set_join_grace(self._grace_now())
         self._paced.set_join_info(
             {
                 "rate": rate if rate is not None else 0.0,
                 "h": self.local_steps,
                 "tokens": self._trip[fragment.index] * self.tokens_per_step,
                 "step": self.manager.step,
+                "staleness": self._staleness,
             }
         )
+
+    def _expect_peers(self, plan: QuorumPlan) -> None:
+        """Async: every other participant starts its next trip now; note when it should be back.
+
+        Its trip is its H over its rate (per fragment: a group joins once per
+        fragment), as it told us; unknown until it measured a rate.
+        """
+        now = time.perf_counter()
+        for rid in plan.participants:
+            info = plan.peer_info.get(rid, {})
+            rate, h = float(info.get("rate", 0.0)), float(info.get("h", self.sync_every))
+            if rid != plan.replica_id:
+                trip = h / rate / len(self.fragments) if rate > 0 else None
+                self._peers[rid] = (now, trip)
+
+    def _grace_now(self) -> float:
+        """Async: this join's straggler grace (hetero.join_grace), from when the others are due.
+
+        A group overdue by more than a trip (its own, or this group's if its
+        length is unknown) without joining a quorum with this one has left,
+        or joins on another rhythm: it is forgotten, so that it cannot hold
+        every later step in the long wait meant for a group still waiting.
+        """
+        assert self._formed_at is not None
+        now = time.perf_counter()
+        elapsed = now - self._formed_at
+        arrivals: list[float | None] = []
+        for rid, (start, trip) in list(self._peers.items()):
+            due = start + (trip or 0.0) - now
+            if -due > max(trip or 0.0, elapsed):
+                del self._peers[rid]
+            else:
+                arrivals.append(None if trip is None else due)
+        return join_grace(self.grace, elapsed, arrivals, jitter=_JITTER * elapsed)
 
     def _weigh(self, plan: QuorumPlan) -> float:
         """This group's weight in the outer step, from what every participant said (I1).
@@ -681,13 +805,21 @@ class DiLoCo(_OuterLoop):
         plan = self.manager.plan
         if self.dylu and plan is not None:
             self._plan_local_steps(plan)
+        if self.asynchronous and plan is not None:
+            self._expect_peers(plan)
         local = [p.detach().clone() for p in fragment.params] if self.alpha > 0 else None
         _copy_all(fragment.params, fragment.backup)
         committed = self.manager.should_commit()
         empty = skip_empty and not any(bool(flat.any()) for flat in fragment.flats)
-        if committed and not empty:
+        # A hub steps even when this group brought nothing: the others may have.
+        stepped = committed and (self._host is not None or not empty)
+        if stepped and self._host is not None:
+            # The hub applied the outer step; should_commit wrote its weights to the backups.
+            _copy_all(fragment.params, fragment.backup)
+        elif stepped:
             self._apply_settings()
             self._outer_step(fragment)
+        if stepped:
             if local is not None:
                 with torch.no_grad():
                     for p, mine in zip(fragment.params, local, strict=True):
@@ -704,6 +836,7 @@ class DiLoCo(_OuterLoop):
             fragment.index,
             local_steps=self.local_steps,
             staleness=self._staleness,
+            rate=self._rate,
         )
         self.manager.maybe_checkpoint()  # a step boundary: periodic and requested saves (may exit)
 
@@ -831,6 +964,26 @@ def _paced_manager(manager: OuterManager, dylu: bool, mode: str) -> PacedManager
     return manager
 
 
+def _refuse_paced_settings(manager: OuterManager) -> None:
+    """LocalSGD has neither DyLU nor an asynchronous mode: say so rather than ignore the setting.
+
+    A script chooses its outer loop, but FTDILOCO_MODE and FTDILOCO_DYLU
+    reach every script through the manager's config; a LocalSGD job started
+    with them would silently run plain synchronous LocalSGD.
+    """
+    config = getattr(manager, "config", None)  # the simulator's manager has none
+    if getattr(config, "mode", "sync") == "async":
+        raise ValueError(
+            "FTDILOCO_MODE=async needs DiLoCo (a global copy and an outer optimizer to merge"
+            " stale pseudo-gradients into); LocalSGD only syncs: unset it or use DiLoCo"
+        )
+    if getattr(config, "dylu", False):
+        raise ValueError(
+            "FTDILOCO_DYLU=1 needs DiLoCo (pseudo-gradients weighted by the work behind them);"
+            " LocalSGD averages the weights themselves: unset it or use DiLoCo"
+        )
+
+
 def _copy_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     with torch.no_grad():
         for d, s in zip(dst, src, strict=True):
@@ -850,6 +1003,7 @@ class LocalSGD(_OuterLoop):
         optimizer: torch.optim.Optimizer,
         sync_every: int,
     ) -> None:
+        _refuse_paced_settings(manager)
         super().__init__(manager, model, optimizer, sync_every)
         self.optimizer = optimizer
         self._flats, self._views = _flat_views(self.params)

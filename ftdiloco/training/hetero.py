@@ -20,7 +20,7 @@ without another round trip; ``tests/test_dylu.py`` checks them exhaustively.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "Contribution",
     "contribution_weights",
     "delayed_nesterov_",
+    "join_grace",
     "local_steps",
     "momentum_due",
     "period_position",
@@ -61,10 +62,11 @@ def period_position(real: int, local: int, every: int, fragments: int = 1) -> in
 
     The answer is in units of ``every``, the full period: the schedule (which
     inner step syncs which fragment, the sync delay, the point a heal carries)
-    is kept in those units, the same for every group.  A group that takes ``local`` < ``every`` steps
-    walks the same positions with longer strides; the fragment boundaries map
-    exactly onto each other, so every group reaches each sync point at its
-    own ``j * local // fragments``-th step and never strides over one.
+    is kept in those units, the same for every group.  A group that takes
+    ``local`` < ``every`` steps walks the same positions with longer strides;
+    the fragment boundaries map exactly onto each other, so every group
+    reaches each sync point at its own ``j * local // fragments``-th step and
+    never strides over one.
     """
     if real <= 0:
         return 0
@@ -119,6 +121,44 @@ def contribution_weights(contributions: Mapping[str, Contribution]) -> dict[str,
     if total <= 0:
         return dict.fromkeys(raw, 0.0)
     return {rid: value / total for rid, value in raw.items()}
+
+
+def join_grace(
+    grace: float, elapsed: float, arrivals: Iterable[float | None], *, jitter: float
+) -> float:
+    """Asynchronous mode: how long this join asks the lighthouse to wait for stragglers.
+
+    The lighthouse waits for live groups that have not joined until the
+    grace has passed since the *first* join of the round, and it forms with
+    whoever joined, so one number must serve two cases:
+
+    * a group expected much later than ``grace`` (the slow one, which just
+      started a trip): the on-time groups should form the moment they are all
+      there, so the grace is short -- until the last of them is expected,
+      plus ``jitter`` -- never the whole ``grace`` spent idle on every step;
+    * a group that may have joined long ago (a late one waiting for the next
+      step): the wait counts from *its* join, so a short grace would form the
+      quorum with it and whichever on-time group came first, leaving the
+      others out for a whole period.  Every joiner joined after this group's
+      trip began (``elapsed`` ago: it was in the quorum then formed), so a
+      grace of two trips and ``grace`` gives the other groups at least a
+      trip beyond now: groups of one speed drift apart under load.  It costs
+      nothing when all of them come (the quorum forms when the last one
+      joins), and at most a trip when a group expected never does.
+
+    ``arrivals``: for every other group known, in how many seconds it is
+    expected to join (its last trip's start plus its H over its rate;
+    negative: it may be waiting already; None: unknown).  Pure, so that the
+    rule is tested without processes (tests/test_dylu.py).
+    """
+    wait = 2 * elapsed + grace
+    expected = list(arrivals)
+    if not any(a is not None and a > grace for a in expected):
+        return wait  # nobody is late: wait for every group, at most a trip and the grace
+    coming = [a for a in expected if a is None or a <= grace]
+    if any(a is None or a < -grace for a in coming):
+        return wait  # one of them may have been waiting for long
+    return min(grace, max([0.0, *(a for a in coming if a is not None)]) + jitter)
 
 
 def momentum_due(contributions: int, every: int) -> bool:
