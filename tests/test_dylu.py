@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from ftdiloco.config import Config
+from ftdiloco.coordination.manager import Manager
+from ftdiloco.coordination.metrics import GroupMetrics
 from ftdiloco.coordination.standalone import StandaloneManager
-from ftdiloco.training.diloco import DiLoCo, LocalSGD
+from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport
 from ftdiloco.training.hetero import (
     Contribution,
     contribution_weights,
@@ -250,3 +254,31 @@ def test_localsgd_refuses_async_and_dylu(settings: dict[str, object], message: s
     with pytest.raises(ValueError, match=message) as refused:
         LocalSGD(_standalone(**settings), model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
     assert "\n" not in str(refused.value)
+
+
+def test_a_groups_pace_reaches_its_metrics() -> None:
+    """Manager.report_sync sets H, rate and staleness from each SyncReport (GET /metrics)."""
+    manager = SimpleNamespace(metrics=GroupMetrics())
+    report = SyncReport(
+        step=3,
+        committed=True,
+        participants=3,
+        quorum_id=1,
+        seconds=0.1,
+        bytes_sent=0,
+        healed=False,
+        waited=0.1,
+        hidden_fraction=0.0,
+        local_steps=12,
+        staleness=2,
+        rate=7.5,
+    )
+    Manager.report_sync(manager, report)  # type: ignore[arg-type]
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(manager.metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples["ftdiloco_inner_steps_per_outer_step"] == 12
+    assert samples["ftdiloco_inner_step_rate"] == 7.5
+    assert samples["ftdiloco_staleness"] == 2

@@ -180,6 +180,10 @@ class Manager:
         self.metrics.hidden.set(report.hidden_fraction)
         if report.participants > 1 and not report.healed:  # alone, or healing: nothing sent
             self.metrics.sent.inc(report.bytes_sent)
+        self.metrics.local_steps.set(report.local_steps)
+        self.metrics.staleness.set(report.staleness)
+        if report.rate > 0:  # 0: not measured (plain DiLoCo, LocalSGD)
+            self.metrics.inner_rate.set(report.rate)
 
     def report_error(self, error: BaseException) -> None:
         """Fail the current outer step (the vote will say no)."""

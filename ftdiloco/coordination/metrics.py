@@ -2,9 +2,10 @@
 
 What an operator watches per group: steps committed and rolled back, the
 step, the last loss the script reported, how long syncs take and how much of
-them the inner loop did not wait for, bytes sent, heals, and how many groups
-took part.  The registry is per process (never the global one), so several
-managers in one test process do not collide.
+them the inner loop did not wait for, bytes sent, heals, how many groups
+took part, and (groups of unequal speed) the group's H, rate and staleness.
+The registry is per process (never the global one), so several managers in
+one test process do not collide.
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ class GroupMetrics:
         )
         self.participants = Gauge(
             "ftdiloco_quorum_participants", "Groups in the current outer step.", registry=r
+        )
+        # Groups of unequal speed (DyLU, async): how this group is paced, and
+        # how late its work arrives.
+        self.local_steps = Gauge(
+            "ftdiloco_inner_steps_per_outer_step",
+            "Inner steps this group takes per outer period (DyLU: H_w; else sync_every).",
+            registry=r,
+        )
+        self.inner_rate = Gauge(
+            "ftdiloco_inner_step_rate",
+            "Inner steps per second of this group's own work, outer steps left out.",
+            registry=r,
+        )
+        self.staleness = Gauge(
+            "ftdiloco_staleness",
+            "Outer steps the global state moved since the last pseudo-gradient this group"
+            " contributed was taken (async).",
+            registry=r,
         )
 
     def render(self) -> bytes:
