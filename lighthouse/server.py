@@ -37,7 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ftwire import guard, protocol
 from ftwire.history import healing
-from ftwire.messages import DATA_LOSS, SETTINGS, Member, Quorum
+from ftwire.messages import DATA_INFO, DATA_LOSS, SETTINGS, Member, Quorum
 from lighthouse.lease import Lease
 from lighthouse.quorum import Eviction, EvictionCause, QuorumConfig, QuorumCore, Update
 from lighthouse.settings import LiveSettings, quorum_step
@@ -592,11 +592,13 @@ class LighthouseServer:
             for m in quorum.members
             if type(loss := m.data.get(DATA_LOSS)) is float and math.isfinite(loss)
         }
+        paces = {m.replica_id: pace for m in quorum.members if (pace := member_pace(m))}
         self._step_history.append(
             {
                 "time": self._formed_unix,
                 "steps": {m.replica_id: m.step for m in quorum.members},
                 "losses": losses,
+                "paces": paces,
             }
         )
 
@@ -953,6 +955,7 @@ class LighthouseServer:
             seen.keys() | in_quorum.keys() | self._sockets.keys() | self._finished.keys()
         ):
             latest = joiners[rid][0] if rid in joiners else in_quorum.get(rid)
+            pace = member_pace(latest) if latest is not None else {}
             replicas.append(
                 {
                     "replica_id": rid,
@@ -966,6 +969,8 @@ class LighthouseServer:
                     "history": committed[rid][1] if rid in committed else None,
                     "incarnation": latest.incarnation if latest is not None else None,
                     "finished": rid in self._finished and rid not in seen,
+                    # Groups of unequal speed (None: the group does not say).
+                    **{name: pace.get(name) for name in _PACE_KEYS.values()},
                 }
             )
         return {
@@ -1028,6 +1033,30 @@ class LighthouseServer:
             body=self.metrics_text(),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+# What a group of unequal speed says of its pace in its join info (DiLoCo's
+# ``_tell_peers``), and the names /status and the step history give them.
+_PACE_KEYS = {"rate": "rate", "h": "local_steps", "staleness": "staleness"}
+
+
+def member_pace(member: Member) -> dict[str, float]:
+    """A member's inner-step rate, H and staleness, as far as its join info says (DyLU, async).
+
+    Empty for a group that says nothing of its pace (plain DiLoCo, LocalSGD);
+    values that are not finite numbers are left out: the info is free-form.
+    """
+    info = member.data.get(DATA_INFO)
+    if not isinstance(info, dict):
+        return {}
+    pace = {}
+    for key, name in _PACE_KEYS.items():
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # a bool is an int to isinstance, but no rate
+        if math.isfinite(value):
+            pace[name] = float(value)
+    return pace
 
 
 def _member_summary(member: Member) -> dict[str, Any]:

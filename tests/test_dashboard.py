@@ -107,7 +107,13 @@ def form_quorums(url: str) -> None:
             Member("b", step=1, incarnation="b1", data={"loss": 2.75}),
         ),
         (
-            Member("a", step=2, incarnation="a1", data={"loss": 2.25}),
+            # A DyLU / async group says its pace (rate, H, staleness) with its join.
+            Member(
+                "a",
+                step=2,
+                incarnation="a1",
+                data={"loss": 2.25, "info": {"rate": 12.5, "h": 10, "staleness": 1}},
+            ),
             Member("b", step=0, incarnation="b2"),
         ),
     ]
@@ -156,6 +162,7 @@ def test_the_dashboard_shows_a_live_job_and_its_buttons_work(lighthouse, browser
     assert "b heals from step 0 to step 2" in events_text(driver)
     rows = driver.find_element(By.ID, "replicas").text
     assert "a" in rows and "b" in rows
+    assert "12.5/s 10 1" in rows  # a's rate, H and staleness; b says nothing of its pace
     # Loss per group over time, from the losses the groups report with their joins.
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#loss-chart polyline")) == 2)
     losses = {

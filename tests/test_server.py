@@ -17,7 +17,7 @@ import pytest
 from ftwire import protocol
 from ftwire.messages import Member
 from lighthouse.quorum import Update
-from lighthouse.server import ServerConfig
+from lighthouse.server import ServerConfig, member_pace
 from tests.lighthouse_support import (
     connect,
     eventually,
@@ -309,6 +309,42 @@ async def test_status_dashboard_and_metrics_describe_the_quorum(lighthouses, ses
 
     await ws.close()
     waiting.cancel()
+
+
+async def test_status_shows_each_groups_pace(lighthouses, session):
+    """DyLU and async groups say their rate, H and staleness in their join info (issue 14)."""
+    server = await lighthouses.start(min_replicas=2, join_timeout=SLOW)
+    pace = {"rate": 12.5, "h": 10, "staleness": 2, "tokens": 640, "step": 3}
+    await asyncio.gather(
+        join(session, server.url, "paced", data={"info": pace}),
+        join(session, server.url, "plain"),
+    )
+    async with session.get(server.url + "/status") as response:
+        status = await response.json()
+    replicas = {r["replica_id"]: r for r in status["replicas"]}
+    assert {k: replicas["paced"][k] for k in ("rate", "local_steps", "staleness")} == {
+        "rate": 12.5,
+        "local_steps": 10,
+        "staleness": 2,
+    }
+    assert [replicas["plain"][k] for k in ("rate", "local_steps", "staleness")] == [None] * 3
+    assert status["step_history"][-1]["paces"] == {
+        "paced": {"rate": 12.5, "local_steps": 10, "staleness": 2}
+    }
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ({"rate": 3.0, "h": 7}, {"rate": 3.0, "local_steps": 7.0}),
+        ({"rate": float("nan"), "h": True, "staleness": "1"}, {}),  # free-form: only numbers
+        ("not a map", {}),
+        (None, {}),
+    ],
+)
+def test_member_pace_reads_only_finite_numbers(info, expected):
+    member = Member("g", data={} if info is None else {"info": info})
+    assert member_pace(member) == expected
 
 
 async def test_http_heartbeat_keeps_a_replica_alive(lighthouses, session):
