@@ -9,12 +9,18 @@ others.  Every record of every process must hold I1 and I2
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.chaos_support import assert_one_history, records, start_group
-from tests.procs import process_pool, start_lighthouse
+from tests.procs import Proc, process_pool, start_lighthouse
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +73,37 @@ def test_async_survives_a_kill_and_merges_the_slow_groups_stale_work(tmp_path: P
     assert any(int(r["staleness"]) > 0 for r in slow), slow
     restarted = [r for r in records(logs[3]) if r["committed"]]
     assert restarted and restarted[0]["healed"], restarted
+
+
+def test_the_launcher_runs_the_example_asynchronously_to_the_end() -> None:
+    """`ftdiloco launch --mode async`: three groups of the example GPT commit every step.
+
+    (``--dylu`` goes the same way through the launcher: it only sets another variable.)
+    """
+    launcher = Proc(
+        "launcher",
+        [
+            sys.executable,
+            *("-m", "ftdiloco.operate.cli", "launch", "--timeout", "10", "--groups", "3"),
+            *("--mode", "async", "--"),
+            *("--model-size", "tiny", "--outer-steps", "4", "--sync-every", "10"),
+        ],
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    try:
+        code = launcher.wait(timeout=150)
+        with contextlib.suppress(EOFError):  # raised once the output has ended
+            launcher.wait_line(lambda line: False, timeout=10, what="the end of the output")
+    finally:
+        if launcher.popen.poll() is None:
+            os.kill(launcher.pid, signal.SIGTERM)  # it stops every process it started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launcher.wait(timeout=30)
+            launcher.kill()
+    out = "".join(launcher.output)
+    assert code == 0, out
+    assert "result: success: all 3 groups finished" in out, out
+    for group in ("group0", "group1", "group2"):
+        assert re.search(rf"^\[{group}\] done \| 4 outer steps committed", out, re.M), out
+    # In async mode the outer-step line shows the group's H and staleness.
+    assert re.search(r"^\[group0\] outer step \d+ .*\| H 10, stale \d+ \|", out, re.M), out
