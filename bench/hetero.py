@@ -1,8 +1,11 @@
 """Groups of unequal speed: fixed H against DyLU and asynchronous DiLoCo (issue 14).
 
-Three groups train the example GPT; one sleeps after every inner step so that
-it runs at about half the speed of the others.  Each mode gets the same
-wall-clock budget.  Measured from the groups' outer-step lines:
+Three groups train the example GPT; every inner step of one of them takes
+twice as long as its own compute (it sleeps as long as the step took: half
+speed on any machine, whatever the load), and every group sleeps a short
+``--pace`` after each step so that the three leave each other some CPU.  Each
+mode gets the same wall-clock budget.  Measured from the groups' outer-step
+lines:
 
 * idle fraction of the fast groups: the time their inner loop waited in outer
   steps, over their training time (with fixed H they wait for the slow group);
@@ -27,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,6 +40,8 @@ from lighthouse.cli import LISTENING, listening_url  # noqa: E402
 
 GROUPS = 3
 SLOW = 2  # the group index that runs at half speed
+SLOWDOWN = 2.0  # how many times longer each of its inner steps takes
+_AS_GROUP = "--as-group"
 _STEP = re.compile(
     r"outer step (?P<step>\d+) \| loss \S+(?: \| eval (?P<eval>[\d.]+))? \|.*"
     r"waited (?P<waited>[\d.]+)s.*\| (?P<outcome>committed|rolled back)"
@@ -69,8 +75,14 @@ class GroupRun:
                 self.evals.append((int(m["step"]), float(m["eval"])))
 
 
-def run_mode(mode: str, budget: float, step_seconds: float) -> dict[str, float]:
-    """One job of three groups in ``mode`` (fixed, dylu, async) for ``budget`` seconds."""
+def run_mode(
+    mode: str, budget: float, step_seconds: float, logs: Path | None = None
+) -> dict[str, float]:
+    """One job of three groups in ``mode`` (fixed, dylu, async) for ``budget`` seconds.
+
+    ``logs``: a directory for each group's log (where it waited: the
+    manager's "quorum" lines say for how long).
+    """
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
@@ -103,25 +115,30 @@ def run_mode(mode: str, budget: float, step_seconds: float) -> dict[str, float]:
         threading.Thread(target=lighthouse.stdout.read, daemon=True).start()
         readers = []
         for run in runs:
-            pace = step_seconds * (2 if run.index == SLOW else 1)
+            factor = SLOWDOWN if run.index == SLOW else 1.0
             group_env = {**env, "FTDILOCO_LIGHTHOUSE": url, "REPLICA_GROUP_ID": str(run.index)}
             command = [
                 sys.executable,
-                "-m",
-                "ftdiloco.examples.train_diloco",
+                __file__,
+                *(_AS_GROUP, f"{factor:g}", f"{step_seconds:g}", "--"),
                 *("--model-size", "tiny", "--outer-steps", "100000", "--sync-every", "20"),
                 *("--eval-every", "1", "--eval-batches", "2", "--sample-bytes", "0"),
-                *("--slowdown", f"{pace:g}", "--seed", "0"),
+                *("--seed", "0"),
             ]
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
             proc = subprocess.Popen(
                 command,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL
+                if logs is None
+                else (logs / f"{mode}-g{run.index}.log").open("w"),
                 text=True,
                 env=group_env,
             )
             procs.append(proc)
-            reader = threading.Thread(target=_read, args=(proc, run), daemon=True)
+            sink = None if logs is None else (logs / f"{mode}-g{run.index}.out").open("w")
+            reader = threading.Thread(target=_read, args=(proc, run, sink), daemon=True)
             reader.start()
             readers.append(reader)
         deadline = time.monotonic() + budget
@@ -150,27 +167,78 @@ def run_mode(mode: str, budget: float, step_seconds: float) -> dict[str, float]:
     }
 
 
-def _read(proc: subprocess.Popen[str], run: GroupRun) -> None:
+def _read(proc: subprocess.Popen[str], run: GroupRun, sink: TextIO | None) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         run.read(line)
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
+
+
+def run_group(factor: float, pace: float, argv: list[str]) -> int:
+    """The example, each inner step stretched to ``factor`` times its own length.
+
+    The example's ``--slowdown`` sleeps a fixed time, which is half speed on
+    one machine and a mild slowdown on a slower or busier one; here each inner
+    step sleeps ``pace`` plus, on the slow group, as long again as the step
+    itself took.  The step is timed from the end of the previous one (after
+    its outer step, if any) to the inner optimizer's ``step``: forward,
+    backward and data, the work a slower machine would do slower.
+    """
+    import torch
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    from ftdiloco.examples import train_diloco
+
+    inner: list[torch.optim.Optimizer] = []  # the first optimizer that steps: AdamW
+    ended: list[float] = []  # when the previous inner step ended (none: the first is untimed)
+
+    def before(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        if not inner:
+            inner.append(optimizer)
+        if optimizer is inner[0]:
+            took = time.perf_counter() - ended[0] if ended else 0.0
+            time.sleep(factor * pace + (factor - 1.0) * took)
+
+    def after(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        if optimizer is inner[0]:
+            ended[:] = [time.perf_counter()]  # global hooks run after DiLoCo's outer step
+
+    register_optimizer_step_pre_hook(before)
+    register_optimizer_step_post_hook(after)
+    return train_diloco.main(argv)
 
 
 def main() -> int:
+    if sys.argv[1:2] == [_AS_GROUP]:
+        factor, pace, _, *argv = sys.argv[2:]
+        return run_group(float(factor), float(pace), argv)
     p = parser(__doc__.splitlines()[0])
     p.add_argument(
         "--pace",
         type=float,
-        default=0.03,
+        default=0.01,
         metavar="S",
-        help="sleep per inner step of a fast group; the slow one sleeps twice as long (0.03)",
+        help="sleep per inner step of every group, to leave the others some CPU;"
+        f" the slow group's steps take {SLOWDOWN:g} times as long in all (0.01)",
     )
+    p.add_argument(
+        "--modes",
+        default="fixed,dylu,async",
+        help="which modes to run, comma-separated (fixed,dylu,async)",
+    )
+    p.add_argument("--logs", type=Path, metavar="DIR", help="keep each group's log here")
     args = p.parse_args()
     budget = 45.0 if args.quick else 150.0
+    modes = args.modes.split(",")
     print(f"load average before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
-    results = {mode: run_mode(mode, budget, args.pace) for mode in ("fixed", "dylu", "async")}
+    results = {mode: run_mode(mode, budget, args.pace, args.logs) for mode in modes}
     print(f"load average after: {Path('/proc/loadavg').read_text().strip()}", flush=True)
-    fixed = results["fixed"]["eval"]
+    fixed = results["fixed"]["eval"] if "fixed" in results else float("nan")
     rows = []
     for mode, r in results.items():
         goal = "" if mode == "fixed" else "<= 0.05"
@@ -187,11 +255,8 @@ def main() -> int:
     write_json(
         args.json,
         {
-            "idle_fixed": results["fixed"]["idle"],
-            "idle_dylu": results["dylu"]["idle"],
-            "idle_async": results["async"]["idle"],
-            "loss_ratio_dylu": results["dylu"]["eval"] / fixed,
-            "loss_ratio_async": results["async"]["eval"] / fixed,
+            **{f"idle_{m}": r["idle"] for m, r in results.items()},
+            **{f"loss_ratio_{m}": r["eval"] / fixed for m, r in results.items() if m != "fixed"},
             **{f"steps_per_min_{m}": r["steps_per_min"] for m, r in results.items()},
             **{f"eval_{m}": r["eval"] for m, r in results.items()},
             "budget_s": budget,
