@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     # (and are tested) without the fault-tolerance machinery.
     from ftdiloco.coordination.manager import Manager
     from ftdiloco.coordination.standalone import STANDALONE_NOTE, StandaloneManager
+    from ftdiloco.hub.client import HubManager
     from ftdiloco.training.diloco import DiLoCo
 
     logs.configure()
@@ -425,8 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     last_loss = math.nan
     rolled_back = inner_steps = 0
     started = time.monotonic()
-    manager: Manager | StandaloneManager
-    manager = StandaloneManager(config) if config.standalone else Manager(config)
+    # The topology is configuration: a lighthouse (Manager), the hub
+    # (FTDILOCO_TOPOLOGY=hub), or alone (FTDILOCO_LIGHTHOUSE=none).
+    manager: Manager | StandaloneManager | HubManager
+    if config.topology == "hub":
+        manager = HubManager(config)
+    elif config.standalone:
+        manager = StandaloneManager(config)
+    else:
+        manager = Manager(config)
     with manager:
         paced = config.dylu or config.mode == "async"
         diloco = DiLoCo(

@@ -2,6 +2,7 @@
 
 ``ftdiloco launch``     a lighthouse and N replica groups, optionally killed at random
 ``ftdiloco status``     the current quorum and its members, from a lighthouse's /status
+``ftdiloco hub``        the hub of a job whose groups cannot reach each other
 ``ftdiloco lighthouse`` the lighthouse of a batch job: stops once every group is done
 ``ftdiloco kill GROUP`` / ``checkpoint`` / ``shutdown``  operate a running job, for scripts
 ``ftdiloco set-outer-lr X [--momentum M]``  change the outer optimizer of every group live
@@ -192,6 +193,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     _operator_flags(shutdown)
 
+    hub = commands.add_parser(
+        "hub",
+        help="the hub: global weights and outer optimizer for groups that cannot reach "
+        "each other (FTDILOCO_TOPOLOGY=hub)",
+        description="Serve DiLoCo through one HTTP port: groups join, submit pseudo-gradients "
+        "and take the new global weights (see the README's 'Hub topology').",
+    )
+    from ftdiloco.hub.cli import add_arguments as hub_arguments
+
+    hub_arguments(hub)
+
     serve = commands.add_parser(
         "lighthouse",
         help="run the lighthouse for a batch job; it stops when every group is done",
@@ -254,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(_launch(parser, args, rest))
     if args.command in OPERATOR_COMMANDS:
         sys.exit(_operate(args))
+    if args.command == "hub":
+        from ftdiloco.hub.cli import run as run_hub
+
+        sys.exit(run_hub(parser, args))
     from ftdiloco.operate.launch import serve_lighthouse
 
     sys.exit(serve_lighthouse(rest, args.groups, args.idle_exit, log_file=args.log_file))

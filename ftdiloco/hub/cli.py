@@ -1,0 +1,101 @@
+"""``ftdiloco hub``: the flags, and the process around :class:`ftdiloco.hub.server.HubServer`.
+
+The flags are declared here without importing torch or aiohttp, so
+``ftdiloco --help`` stays fast; ``run`` imports the server.  Like the
+lighthouse, the hub prints one line to stdout once it accepts connections
+(``hub listening on URL``), logs to stderr, and on SIGTERM/SIGINT saves its
+state and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from ftwire import guard, logs
+from lighthouse.cli import _bind_address, _token
+
+__all__ = ["LISTENING", "add_arguments", "run"]
+
+LISTENING = "hub listening on "
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--bind", type=_bind_address, default=("127.0.0.1", 29520), metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:29520; port 0: a free one)")  # fmt: skip
+    add("--state", type=Path, default=Path("hub-state.safetensors"), metavar="PATH",
+        help="the state file: loaded at start if it exists, saved atomically")  # fmt: skip
+    add("--min-groups", type=_count, default=1, help="a round needs this many groups (1)")
+    add("--join-timeout", type=_positive, default=60.0, metavar="S",
+        help="after a round's first join, form it without the groups missing (60)")  # fmt: skip
+    add("--round-timeout", type=_positive, default=60.0, metavar="S",
+        help="fail a round whose submissions take longer (60)")  # fmt: skip
+    add("--heartbeat-timeout", type=_positive, default=10.0, metavar="S",
+        help="a group silent this long is gone (10)")  # fmt: skip
+    add("--save-every", type=_count, default=1, metavar="N",
+        help="save every N commits (1: a commit is saved before it is answered)")  # fmt: skip
+    add("--outer-lr", type=_positive, help="outer learning rate (default: the first group's)")
+    add("--outer-momentum", type=float, help="outer momentum (default: the first group's)")
+    add("--token-file", metavar="PATH", help="the token, else $FTDILOCO_TOKEN")
+    add("--log-format", choices=("auto", "console", "json"), default="auto")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ftdiloco.hub.server import HubOptions, HubServer
+
+    host, port = args.bind
+    options = HubOptions(
+        state_path=args.state,
+        token=_token(parser, args.token_file),
+        min_groups=args.min_groups,
+        join_timeout=args.join_timeout,
+        round_timeout=args.round_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+        save_every=args.save_every,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
+    )
+    logs.configure(args.log_format)
+    try:
+        server = HubServer(options)
+    except (OSError, ValueError) as e:
+        print(f"ftdiloco hub: cannot load {args.state}: {e}", file=sys.stderr)
+        return 1
+    return asyncio.run(_serve(server, host, port))
+
+
+async def _serve(server: object, host: str, port: int) -> int:
+    from ftdiloco.hub.server import HubServer
+
+    assert isinstance(server, HubServer)
+    if server.options.token is None and not guard.is_loopback(host):
+        print("ftdiloco hub: warning: no token on a non-loopback address", file=sys.stderr)
+    try:
+        url = await server.start(host, port)
+    except OSError as e:
+        print(f"ftdiloco hub: cannot listen on {host}:{port}: {e}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    print(f"{LISTENING}{url}", flush=True)
+    await server.wait_stopped()
+    return 0
