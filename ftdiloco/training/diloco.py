@@ -819,11 +819,10 @@ class DiLoCo(_OuterLoop):
         elif stepped:
             self._apply_settings()
             self._outer_step(fragment)
-        if stepped:
-            if local is not None:
-                with torch.no_grad():
-                    for p, mine in zip(fragment.params, local, strict=True):
-                        p.lerp_(mine, self.alpha)
+        if stepped and local is not None:
+            with torch.no_grad():
+                for p, mine in zip(fragment.params, local, strict=True):
+                    p.lerp_(mine, self.alpha)
         if not committed:
             for residual in fragment.residuals:
                 residual.zero_()  # it held the error of a pseudo-gradient now discarded
