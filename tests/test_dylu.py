@@ -15,6 +15,7 @@ from ftdiloco.config import Config
 from ftdiloco.coordination.manager import Manager
 from ftdiloco.coordination.metrics import GroupMetrics
 from ftdiloco.coordination.standalone import StandaloneManager
+from ftdiloco.training import diloco
 from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport
 from ftdiloco.training.hetero import (
     Contribution,
@@ -282,3 +283,27 @@ def test_a_groups_pace_reaches_its_metrics() -> None:
     assert samples["ftdiloco_inner_steps_per_outer_step"] == 12
     assert samples["ftdiloco_inner_step_rate"] == 7.5
     assert samples["ftdiloco_staleness"] == 2
+
+
+def test_the_inner_rate_leans_on_the_last_period_but_not_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A period twice as slow moves the rate part of the way: one noisy period cannot swing H_w."""
+    clock = [0.0]
+    monkeypatch.setattr(diloco.time, "perf_counter", lambda: clock[0])
+    rate = diloco._InnerRate()
+
+    def period(steps: int, each: float) -> None:
+        for _ in range(steps):
+            rate.resumed()
+            clock[0] += each
+            rate.stopped()
+            clock[0] += 1.0  # inside the hook: an outer step, not the group's own work
+
+    assert rate.take() is None  # nothing measured
+    period(10, 0.1)
+    assert rate.take() == pytest.approx(10.0)
+    assert rate.take() is None  # nothing new since
+    period(10, 0.2)
+    # (5 + 10 steps) / (0.5 + 2 s): between the old 10/s and the new 5/s.
+    assert rate.take() == pytest.approx(6.0)

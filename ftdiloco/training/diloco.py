@@ -924,12 +924,20 @@ class _InnerRate:
     The hook marks when the training loop got control back and when its next
     inner step ended; the time between is the loop's own (forward, backward,
     data, any pacing), the time inside the hook is the outer step's.
+
+    Steps and seconds decay by half at every take, so a rate is mostly the
+    last period's but not only: one period measured on a busy machine would
+    otherwise swing H_w by a third from one step to the next, and every
+    group whose plan comes out too long makes the fast ones wait for it.
     """
+
+    DECAY = 0.5
 
     def __init__(self) -> None:
         self._resumed: float | None = None
-        self._steps = 0
+        self._steps = 0.0
         self._seconds = 0.0
+        self._fresh = False  # a step measured since the last take
 
     def resumed(self) -> None:
         self._resumed = time.perf_counter()
@@ -939,12 +947,16 @@ class _InnerRate:
             self._steps += 1
             self._seconds += time.perf_counter() - self._resumed
             self._resumed = None
+            self._fresh = True
 
     def take(self) -> float | None:
-        """Steps per second since the last take (None: nothing measured), and start anew."""
-        rate = self._steps / self._seconds if self._steps and self._seconds > 0 else None
-        if rate is not None:
-            self._steps, self._seconds = 0, 0.0
+        """Steps per second, the last period weighing most (None: nothing new measured)."""
+        if not self._fresh or not self._seconds > 0:
+            return None
+        rate = self._steps / self._seconds
+        self._steps *= self.DECAY
+        self._seconds *= self.DECAY
+        self._fresh = False
         return rate
 
 
