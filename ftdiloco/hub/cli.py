@@ -14,13 +14,46 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from ftwire import guard, logs
 from lighthouse.cli import _bind_address, _token
 
-__all__ = ["LISTENING", "add_arguments", "run"]
+__all__ = ["LISTENING", "add_arguments", "format_status", "listening_url", "run"]
 
 LISTENING = "hub listening on "
+
+
+def listening_url(line: str) -> str | None:
+    """The URL in the hub's "listening on" line; None for any other line."""
+    return line[len(LISTENING) :].strip() if line.startswith(LISTENING) else None
+
+
+def format_status(doc: dict[str, Any], address: str) -> str:
+    """A hub's /status for ``ftdiloco status``: the step, the round, a line per group."""
+    outer = doc.get("outer") or {}
+    lines = [
+        f"hub {address} | step {doc.get('step')} (saved at {doc.get('saved_step')})"
+        f" | outer lr {outer.get('lr', '-')} momentum {outer.get('momentum', '-')}"
+        f" | failed rounds {doc.get('rounds_failed')}"
+    ]
+    r = doc.get("round")
+    if r:
+        who = r.get("members") or r.get("joined") or []
+        lines.append(
+            f"round at step {r.get('step')}: {', '.join(who)}; submitted"
+            f" {', '.join(r.get('submitted') or []) or 'none'}"
+            + (f"; failed: {r['failed']}" if r.get("failed") else "")
+        )
+    lines.append(f"{'group':<16} {'step':>6} {'stale':>6} {'rate/s':>8} {'seen':>8}")
+    for g in doc.get("groups", []):
+        rate = g.get("rate")
+        shown = f"{rate:.2f}" if isinstance(rate, (int, float)) else "-"
+        lines.append(
+            f"{g.get('group', '?'):<16} {g.get('step', '-')!s:>6} {g.get('staleness', '-')!s:>6}"
+            f" {shown:>8} {g.get('seen_s_ago', '-')!s:>7}s"
+        )
+    return "\n".join(lines)
 
 
 def _positive(text: str) -> float:

@@ -141,6 +141,7 @@ class HubManager:
                 "group": self.group,
                 "incarnation": self.incarnation,
                 "step": self._step,
+                "expected": self.config.num_replica_groups or 0,
                 "info": {**self._info, "step": self._step, "sync_point": int(weights.sync_point)},
                 "layout": _layout(weights),
             }

@@ -10,9 +10,11 @@ One *round* per outer step, in sync mode:
   (fetch the global weights), then join again.  Ahead of the hub: refused,
   the hub has lost steps it committed (never happens while every commit is
   saved before it is answered, see ``HubServer``).
-- The round *forms* (its members are fixed) once every live group has joined,
-  or, after ``join_timeout`` since its first join, with whoever joined, if
-  they are at least ``min_groups``.  A group that joins a formed round it is
+- The round *forms* (its members are fixed) once every live group has joined
+  and at least as many as a joiner expects (its ``NUM_REPLICA_GROUPS``: at
+  a job's start the others may not have been seen yet), or, after
+  ``join_timeout`` since its first join, with whoever joined, if they are at
+  least ``min_groups``.  A group that joins a formed round it is
   not in waits for the next one.
 - Each member submits its pseudo-gradient once.  A submission is keyed by
   (group, round): a retry of one already counted is acknowledged and not
@@ -69,6 +71,7 @@ class Round:
     step: int
     first_join: float
     joined: dict[str, str] = field(default_factory=dict)  # group -> incarnation, in join order
+    expected: int = 0  # the most groups a joiner said the job has
     members: tuple[str, ...] | None = None  # fixed when it forms
     formed_at: float = 0.0
     receiving: set[str] = field(default_factory=set)
@@ -181,7 +184,13 @@ class Rounds:
     # -- a round ---------------------------------------------------------------------------
 
     def join(
-        self, group: str, incarnation: str, step: int, now: float, info: Info | None = None
+        self,
+        group: str,
+        incarnation: str,
+        step: int,
+        now: float,
+        info: Info | None = None,
+        expected: int = 0,
     ) -> JoinAnswer:
         self.seen(group, incarnation, now)
         if info is not None:
@@ -199,6 +208,7 @@ class Rounds:
             formed = r.members is not None and group in r.members and r.failed is None
             return JoinAnswer(Joined.FORMED, r) if formed else JoinAnswer(Joined.WAIT)
         r.joined[group] = incarnation
+        r.expected = max(r.expected, expected)
         self.tick(now)
         return JoinAnswer(Joined.FORMED, r) if r.members is not None else JoinAnswer(Joined.WAIT)
 
@@ -272,7 +282,7 @@ class Rounds:
         if r is None or r.failed is not None:
             return
         if r.members is None:
-            everyone = set(self.live(now)) <= set(r.joined)
+            everyone = set(self.live(now)) <= set(r.joined) and len(r.joined) >= r.expected
             late = now - r.first_join >= self.join_timeout
             if len(r.joined) >= self.min_groups and (everyone or late):
                 r.members = tuple(r.joined)

@@ -256,6 +256,7 @@ class HubServer:
         msg = await guard.read_message(request)
         group, incarnation = _identity(msg)
         step = _int(msg, "step")
+        expected = _int(msg, "expected") if "expected" in msg else 0
         info = msg.get("info") or {}
         if not isinstance(info, dict):
             raise guard.Refused(400, "bad_request", "'info' must be a map")
@@ -267,7 +268,7 @@ class HubServer:
             return guard.reply(request, {"status": "init"})
 
         def ready() -> dict[str, Any] | None:
-            answer = self.rounds.join(group, incarnation, step, time.monotonic(), info)
+            answer = self.rounds.join(group, incarnation, step, time.monotonic(), info, expected)
             if answer.status is Joined.AHEAD:
                 raise guard.Refused(
                     409,

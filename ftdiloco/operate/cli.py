@@ -74,7 +74,21 @@ def _parser() -> argparse.ArgumentParser:
         usage="ftdiloco launch [options] [-- SCRIPT_ARGS...]",
     )
     add = launch.add_argument
-    add("--groups", type=_count, default=3, help="replica groups (default 3)")
+    add("--groups", type=_count, help="replica groups (default 3)")
+    add(
+        "--stages",
+        type=_count,
+        metavar="N",
+        help="a DiLoCo-SWARM pipeline instead of groups: the example GPT in N >= 2 stages, "
+        "each a room of the lighthouse (python -m ftdiloco.examples.train_swarm)",
+    )
+    add(
+        "--workers-per-stage",
+        type=_count,
+        default=2,
+        metavar="M",
+        help="with --stages: workers per stage, each a replica group of its room (default 2)",
+    )
     add(
         "--nproc-per-node",
         type=_count,
@@ -85,14 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--min-replicas",
         type=_count,
-        default=2,
         metavar="N",
-        help="groups needed for a quorum and a commit (default 2; at most --groups)",
+        help="groups needed for a quorum and a commit (default 2; at most --groups); "
+        "with --stages, workers of a stage (default 1: a stage goes on with one left)",
     )
     add(
         "--dylu",
         action="store_true",
         help="dynamic local updates: slower groups take fewer inner steps (FTDILOCO_DYLU=1)",
+    )
+    add(
+        "--topology",
+        choices=("direct", "hub"),
+        default="direct",
+        help="hub: the groups train through `ftdiloco hub` instead of reaching each other",
     )
     add(
         "--mode",
@@ -277,14 +297,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     from ftdiloco.operate.launch import LaunchOptions, launch
+    from ftdiloco.operate.launch.swarm import StageLayout
 
     try:
+        swarm = None if args.stages is None else StageLayout(args.stages, args.workers_per_stage)
+        if swarm is not None and args.groups is not None:
+            raise ValueError("--groups and --stages: a pipeline's groups are its stage workers")
         options = LaunchOptions(
-            groups=args.groups,
+            groups=swarm.workers if swarm else args.groups or 3,
             nproc_per_node=args.nproc_per_node,
-            min_replicas=args.min_replicas,
+            min_replicas=args.min_replicas or (1 if swarm else 2),
             dylu=args.dylu,
             mode=args.mode,
+            topology=args.topology,
             kill_every=args.kill_every,
             duration=args.duration,
             outer_steps=args.outer_steps,
@@ -295,6 +320,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
             seed=args.seed,
             status_line={"auto": None, "on": True, "off": False}[args.status_line],
             out_dir=args.out,
+            swarm=swarm,
         )
     except ValueError as e:
         # One line, no usage: the flags parsed, their combination or a file is wrong.
@@ -352,6 +378,8 @@ def lighthouse_and_token(
         raise
     if config.standalone:
         raise ConfigError("FTDILOCO_LIGHTHOUSE=none: a standalone job has no lighthouse")
+    if config.hub is not None:
+        return config.hub, config.token  # status works against the hub too
     return ",".join(config.lighthouse), config.token
 
 
@@ -468,6 +496,10 @@ def status(
         return EXIT_UNREACHABLE
     if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True))
+    elif doc.get("kind") == "hub":
+        from ftdiloco.hub.cli import format_status as format_hub_status
+
+        print(format_hub_status(doc, address))
     else:
         print(format_status(doc, address))
     return 0

@@ -11,14 +11,18 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
 
+from ftdiloco.hub.cli import listening_url as hub_listening_url
 from ftdiloco.operate.launch.processes import Child, free_port
 from ftdiloco.operate.launch.record import Record, json_float
+from ftdiloco.operate.launch.swarm import StageLayout
 from ftdiloco.operate.launch.terminal import _Output, compact_log
 from ftdiloco.training import events
 from lighthouse.cli import listening_url
@@ -41,6 +45,8 @@ class LaunchOptions:
     # Groups of unequal speed: FTDILOCO_DYLU and FTDILOCO_MODE for every group.
     dylu: bool = False
     mode: str = "sync"
+    # "hub": the groups train through `ftdiloco hub` (FTDILOCO_HUB) instead of a lighthouse.
+    topology: str = "direct"
     kill_every: float | None = None
     duration: float | None = None
     outer_steps: int | None = None
@@ -55,19 +61,30 @@ class LaunchOptions:
     status_line: bool | None = None
     # Keep logs, per-step JSONL, a summary JSON and plots here.
     out_dir: str | None = None
+    # A DiLoCo-SWARM pipeline: the groups are its stage workers (groups = stages x workers).
+    swarm: StageLayout | None = None
 
     def __post_init__(self) -> None:
         if self.groups < 1 or self.nproc_per_node < 1 or self.min_replicas < 1:
             raise ValueError("groups, nproc_per_node and min_replicas must be >= 1")
-        if self.min_replicas > self.groups:
+        # A stage worker's quorum is its stage's room.
+        per_quorum = self.groups if self.swarm is None else self.swarm.workers_per_stage
+        if self.min_replicas > per_quorum:
             raise ValueError(
-                f"min_replicas={self.min_replicas} is more than groups={self.groups}: "
+                f"min_replicas={self.min_replicas} is more than the {per_quorum} "
+                f"{'groups' if self.swarm is None else 'workers per stage'}: "
                 "no outer step could commit"
             )
+        if self.swarm is not None:
+            self.swarm.check(self.groups, self.nproc_per_node, self.script)
         for name in ("kill_every", "duration", "timeout"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if self.topology not in ("direct", "hub"):
+            raise ValueError(f"topology must be direct or hub, got {self.topology!r}")
+        if self.topology == "hub" and self.nproc_per_node > 1:
+            raise ValueError("--topology hub runs one rank per group (--nproc-per-node 1)")
         if self.outer_steps is not None and self.outer_steps < 1:
             raise ValueError(f"outer_steps must be >= 1, got {self.outer_steps}")
         # Checked here, before anything starts: torchrun would otherwise fail in
@@ -124,6 +141,7 @@ class Group:
     step_times: list[float] = field(default_factory=list)
     pending_kill: Kill | None = None
     eval_loss: float = math.nan  # last held-out loss reported
+    label: str = ""  # the name when not group<index> (a stage worker)
 
     def state(self) -> str:
         """For the status line: the last step, or what keeps it from training."""
@@ -139,7 +157,7 @@ class Group:
 
     @property
     def name(self) -> str:
-        return f"group{self.index}"
+        return self.label or f"group{self.index}"
 
     def step_interval(self) -> float | None:
         """Recent seconds per outer step, from this group's own lines."""
@@ -161,9 +179,14 @@ class _Launcher:
         self.output_closed = False
         self.record = Record(options.out_dir) if options.out_dir is not None else None
         self.rng = random.Random(options.seed)
-        self.groups = [Group(i) for i in range(options.groups)]
+        swarm = options.swarm
+        self.groups = [
+            Group(i, label=swarm.name(i) if swarm else "") for i in range(options.groups)
+        ]
         self.lighthouse: Child | None = None
         self.url = ""
+        # --topology hub without --out: the hub's state file lives here for the job.
+        self._hub_dir: tempfile.TemporaryDirectory[str] | None = None
         self.env: dict[str, str] = {}
         self.lighthouse_args: list[str] = []
         self.kills: list[Kill] = []
@@ -264,6 +287,8 @@ class _Launcher:
             self.lighthouse_args += ["--token-file", token_file]
         elif not env.get("FTDILOCO_TOKEN", "").strip():
             env["FTDILOCO_TOKEN"] = secrets.token_hex(16)
+        if o.swarm is not None:
+            self.lighthouse_args += o.swarm.lighthouse_args()
         self.env = env
 
     async def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
@@ -287,21 +312,44 @@ class _Launcher:
         return round(time.monotonic() - self.started, 3)
 
     async def _start_lighthouse(self) -> None:
+        """The lighthouse, or with ``--topology hub`` the hub, in the same role."""
         o = self.options
-        argv = [
-            sys.executable,
-            "-m",
-            "lighthouse.cli",
-            "--bind",
-            "127.0.0.1:0",
-            "--min-replicas",
-            str(o.min_replicas),
-            "--join-timeout-ms",
-            str(int(o.timeout * 500)),
-            "--log-format",
-            "json",
-            *self.lighthouse_args,
-        ]
+        if o.topology == "hub":
+            self._hub_dir = tempfile.TemporaryDirectory(prefix="ftdiloco-hub-")
+            state = Path(o.out_dir or self._hub_dir.name) / "hub-state.safetensors"
+            argv = [
+                sys.executable,
+                "-m",
+                "ftdiloco.operate.cli",
+                "hub",
+                "--bind",
+                "127.0.0.1:0",
+                "--state",
+                str(state),
+                "--min-groups",
+                str(o.min_replicas),
+                "--join-timeout",
+                f"{o.timeout / 2:g}",
+                "--log-format",
+                "json",
+                *self.lighthouse_args,
+            ]
+            self.env.pop("FTDILOCO_LIGHTHOUSE", None)
+        else:
+            argv = [
+                sys.executable,
+                "-m",
+                "lighthouse.cli",
+                "--bind",
+                "127.0.0.1:0",
+                "--min-replicas",
+                str(o.min_replicas),
+                "--join-timeout-ms",
+                str(int(o.timeout * 500)),
+                "--log-format",
+                "json",
+                *self.lighthouse_args,
+            ]
         child = await self._spawn("lighthouse", argv, self.env)
         self.lighthouse = child
         listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -311,14 +359,14 @@ class _Launcher:
         except (asyncio.TimeoutError, RuntimeError) as e:
             self._fail(f"the lighthouse did not start: {e or 'no URL in 30s'}")
             return
-        self.env["FTDILOCO_LIGHTHOUSE"] = self.url
+        self.env["FTDILOCO_HUB" if o.topology == "hub" else "FTDILOCO_LIGHTHOUSE"] = self.url
         self._say(f"lighthouse at {self.url} (try: ftdiloco status --lighthouse {self.url})")
 
     async def _watch_lighthouse(self, child: Child, listening: asyncio.Future[str]) -> None:
         assert child.proc.stdout is not None
         async for raw in child.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            url = listening_url(line)
+            url = listening_url(line) or hub_listening_url(line)
             if url is not None and not listening.done():
                 listening.set_result(url)
             self._show(child, line)
@@ -330,18 +378,24 @@ class _Launcher:
 
     async def _start_group(self, group: Group) -> None:
         o = self.options
-        argv = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={o.nproc_per_node}",
-            f"--master_port={free_port()}",
-            *o.script_command(),
-            *o.script_args,
-        ]
+        command = (
+            o.swarm.command(group.index)
+            if o.swarm is not None
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={o.nproc_per_node}",
+                f"--master_port={free_port()}",
+                *o.script_command(),
+            ]
+        )
+        argv = [*command, *o.script_args]
         if o.outer_steps is not None:
             argv += ["--outer-steps", str(o.outer_steps)]
         env = {**self.env, "REPLICA_GROUP_ID": str(group.index)}
+        if o.swarm is not None:
+            env.update(o.swarm.env(group.index))
         group.starts += 1
         group.lines_since_start = 0
         child = await self._spawn(group.name, argv, env)
@@ -535,6 +589,8 @@ class _Launcher:
         prev = status.get("previous_quorum") if status else None
         if status is None:
             parts.append("lighthouse: no answer")
+        elif self.options.swarm is not None:
+            parts.append(self.options.swarm.describe(status))
         elif prev is None:
             parts.append("quorum: forming")
         else:
@@ -574,13 +630,16 @@ class _Launcher:
         write("")
         write(f"== ftdiloco launch summary ({elapsed:.1f}s) ==")
         write(f"result: {result}")
+        if self.options.swarm is not None:
+            write(f"pipeline: {self.options.swarm.describe(self.status)}")
+        width = max(8, *(len(g.name) for g in self.groups))
         write(
-            f"{'group':<8} {'starts':>6} {'committed':>9} {'rolled back':>11} {'final loss':>10} "
-            f"{'eval loss':>9}"
+            f"{'group':<{width}} {'starts':>6} {'committed':>9} {'rolled back':>11} "
+            f"{'final loss':>10} {'eval loss':>9}"
         )
         for g in self.groups:
             write(
-                f"{g.name:<8} {g.starts:>6} {g.committed:>9} {g.rolled_back:>11} "
+                f"{g.name:<{width}} {g.starts:>6} {g.committed:>9} {g.rolled_back:>11} "
                 f"{_fmt_loss(g.loss):>10} {_fmt_loss(g.eval_loss):>9}"
             )
         survived = [k for k in self.kills if k.recovered_after is not None]
@@ -590,11 +649,14 @@ class _Launcher:
         )
         for k in self.kills:
             if k.recovered_after is None:
-                write(f"  group{k.group}: killed at outer step {k.step}, not back before the end")
+                write(
+                    f"  {self.groups[k.group].name}: killed at outer step {k.step}, "
+                    "not back before the end"
+                )
             else:
                 healed = ", healed from a peer" if k.healed else ""
                 write(
-                    f"  group{k.group}: killed at outer step {k.step}, recovered in "
+                    f"  {self.groups[k.group].name}: killed at outer step {k.step}, recovered in "
                     f"{k.recovered_after:.1f}s (committed step {k.back_at_step}{healed})"
                 )
         losses = [g.loss for g in self.groups if not math.isnan(g.loss)]
@@ -640,7 +702,7 @@ class _Launcher:
             ],
             "kills": [
                 {
-                    "group": f"group{k.group}",
+                    "group": self.groups[k.group].name,
                     "at_s": round(k.at - self.started, 3),
                     "step": k.step,
                     "recovered_after_s": None
