@@ -42,20 +42,11 @@ class Relay:
         self.target_port = target_port
         self.connections = 0
         self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self.port = 0
-
-        async def serve() -> None:
-            server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            started.set()
-            async with server:
-                await server.serve_forever()
-
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),))
-        self.thread.daemon = True
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        assert started.wait(10)
+        start = asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(10)
+        self.port: int = self.server.sockets[0].getsockname()[1]
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -75,7 +66,9 @@ class Relay:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 @pytest.fixture
@@ -182,7 +175,7 @@ def test_a_group_with_another_model_is_refused_naming_the_parameter(
     url = f"http://127.0.0.1:{port}"
     first = start_group(procs, 0, url, 1, "--outer-steps", "1")
     finished(first)
-    other = start_group(procs, 1, url, 1, "--outer-steps", "1", "--model-size", "small")
+    other = start_group(procs, 0, url, 1, "--outer-steps", "1", "--model-size", "small")
     assert other.wait(300) != 0
     text = "".join(other.output)
     assert "model differs from the hub's" in text and "parameter" in text, other.tail()
