@@ -95,10 +95,12 @@ def run_mode(
         FTDILOCO_ASYNC_GRACE="0.2",
         PYTHONUNBUFFERED="1",
     )
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
     lighthouse = subprocess.Popen(
         [sys.executable, "-m", "lighthouse.cli", "--bind", "127.0.0.1:0", "--min-replicas", "2"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if logs is None else (logs / f"{mode}-lighthouse.log").open("w"),
         text=True,
         env=env,
     )
@@ -125,8 +127,6 @@ def run_mode(
                 *("--eval-every", "1", "--eval-batches", "2", "--sample-bytes", "0"),
                 *("--seed", "0"),
             ]
-            if logs is not None:
-                logs.mkdir(parents=True, exist_ok=True)
             proc = subprocess.Popen(
                 command,
                 stdout=subprocess.PIPE,

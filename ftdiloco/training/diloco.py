@@ -632,6 +632,7 @@ class DiLoCo(_OuterLoop):
         started = time.perf_counter()
         self._tell_peers(self.fragments[self.manager.step % len(self.fragments)])
         self._join()
+        self._formed_at = time.perf_counter()  # its first trip starts here (async's grace)
         # A heal moved inner_steps to the donors' sync point: sync when they sync.
         if self.inner_steps % self.sync_every in self.slots:
             self._start(now=True, joined_at=started)
