@@ -50,6 +50,7 @@ from ftdiloco.examples.train_diloco import (
     heldout_batches,
     split_heldout,
 )
+from ftdiloco.operate.launch.swarm import stage_room
 from ftdiloco.swarm import FORWARD, INFO_ADDRESS, Forwarder, StageServer, StageWorker, split_layers
 from ftdiloco.swarm.worker import Room
 from ftdiloco.training import events
@@ -139,10 +140,6 @@ def gpt_layers(gpt: GPT) -> list[nn.Module]:
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1))
-
-
-def stage_room(stage: int) -> str:
-    return f"stage{stage}"
 
 
 def main(argv: list[str] | None = None) -> int:
