@@ -142,7 +142,16 @@ class HubManager:
                 "incarnation": self.incarnation,
                 "step": self._step,
                 "expected": self.config.num_replica_groups or 0,
-                "info": {**self._info, "step": self._step, "sync_point": int(weights.sync_point)},
+                # Not yet holding the hub's weights (a new process): heal before joining.
+                "fresh": not self._synced,
+                # "healed": this group brings nothing this round, which every
+                # member must know alike to weigh the others (DyLU, plan.recovering).
+                "info": {
+                    **self._info,
+                    "step": self._step,
+                    "sync_point": int(weights.sync_point),
+                    "healed": healed,
+                },
                 "layout": _layout(weights),
             }
             answer = self._retry(
@@ -151,10 +160,10 @@ class HubManager:
             status = answer["status"]
             if status == "init":
                 self._upload_initial(weights, deadline)
-            elif status == "heal" or (status == "formed" and not self._synced):
+            elif status == "heal":
                 self._heal(weights, deadline)
                 healed = True
-            if status == "formed" and self._synced:
+            if status == "formed":
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -162,6 +171,7 @@ class HubManager:
                     f" {self.config.quorum_timeout:g}s (FTDILOCO_QUORUM_TIMEOUT)"
                 )
         members = tuple(answer["members"])
+        peer_info = answer.get("peer_info", {})
         self._round = int(answer["round"])
         self._fragment = int(answer["fragment"])
         self._submitted = False
@@ -174,12 +184,12 @@ class HubManager:
             max_step=int(answer["step"]),
             history="",
             up_to_date=members,
-            recovering=(self.group,) if healed else (),
+            recovering=tuple(sorted(m for m in members if peer_info.get(m, {}).get("healed"))),
             heal=healed,
             donor=None,
             store_address="",
             store_prefix="",
-            peer_info=answer.get("peer_info", {}),
+            peer_info=peer_info,
         )
         return self._plan
 

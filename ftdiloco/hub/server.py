@@ -40,6 +40,7 @@ import importlib.resources
 import math
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ class HubServer:
         self._metrics = _Metrics()
         self._changed: asyncio.Condition | None = None
         self._acc: _Accumulator | None = None
-        self._ingest: asyncio.Semaphore | None = None
+        # Buffers a submission's segment is read into, one per ingest slot.
+        self._slots: asyncio.Queue[bytearray] | None = None
+        self._weights_in_use: _Readers | None = None
         # Applying a step and saving never overlap (both read the momentum).
         self._writing: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -170,7 +173,10 @@ class HubServer:
 
     async def start(self, host: str, port: int) -> str:
         self._changed = asyncio.Condition()
-        self._ingest = asyncio.Semaphore(INGEST_SLOTS)
+        self._slots = asyncio.Queue()
+        for _ in range(INGEST_SLOTS):
+            self._slots.put_nowait(bytearray(get_codec("fp32").payload_bytes(wire.SEGMENT)))
+        self._weights_in_use = _Readers()
         self._writing = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=False)
@@ -266,6 +272,10 @@ class HubServer:
             if "layout" not in msg:
                 raise guard.Refused(400, "bad_request", "the hub has no weights: send 'layout'")
             return guard.reply(request, {"status": "init"})
+        if msg.get("fresh") is True:
+            # A new process must take the global weights before it joins a round.
+            self.rounds.seen(group, incarnation, time.monotonic())
+            return guard.reply(request, {"status": "heal", "step": self.rounds.step})
 
         def ready() -> dict[str, Any] | None:
             answer = self.rounds.join(group, incarnation, step, time.monotonic(), info, expected)
@@ -351,10 +361,16 @@ class HubServer:
         fragment = request.query.get("fragment")
         try:
             index = None if fragment is None else int(fragment)
-            # One consistent snapshot: a later commit swaps in new tensors, never edits these.
             tensors = state.named_weights(index)
         except (ValueError, IndexError):
             raise guard.Refused(400, "bad_request", f"no fragment {fragment!r}") from None
+        assert self._weights_in_use is not None
+        async with self._weights_in_use.reading():
+            return await self._send_weights(request, state, tensors)
+
+    async def _send_weights(
+        self, request: web.Request, state: GlobalState, tensors: list[tuple[str, torch.Tensor]]
+    ) -> web.StreamResponse:
         meta = {"step": str(state.step), "sync_point": str(state.sync_point)}
         head = wire.header(tensors, meta)
         response = web.StreamResponse(
@@ -425,7 +441,7 @@ class HubServer:
         acc: _Accumulator,
     ) -> None:
         """Read the segments one at a time, check each, add it into the round's sums."""
-        assert self._ingest is not None
+        assert self._slots is not None
         if not entries:
             return  # a group that healed this step brings nothing
         acc.contributors += 1
@@ -434,8 +450,9 @@ class HubServer:
         for entry in entries:
             flat, _, seg = entry.name.partition(".")
             start, stop = wire.segments(acc.sums[int(flat)].numel())[int(seg)]
-            async with self._ingest:
-                payload = await _read_tensor(request, entry)
+            slot = await self._slots.get()
+            try:
+                payload = await _read_segment(request, entry, slot)
                 self._metrics.ingest.inc(entry.nbytes)
                 target = acc.sums[int(flat)][start:stop]
                 if weight is None:
@@ -444,6 +461,8 @@ class HubServer:
                     values = torch.zeros(stop - start, dtype=torch.float32)
                     decoder.decode_add(payload, stop - start, values)
                     target.add_(values, alpha=weight)
+            finally:
+                self._slots.put_nowait(slot)
 
     async def _commit(self, round_id: int) -> None:
         """Apply the complete round, save, and only then let its members learn it committed."""
@@ -452,12 +471,12 @@ class HubServer:
         r = self.rounds.round
         assert acc is not None and acc.round_id == round_id and r is not None
         state = self.state
+        assert self._weights_in_use is not None
         async with self._writing:
             divisor = 1.0 if acc.weighted else float(max(acc.contributors, 1))
             if acc.contributors:
-                state.weights = await asyncio.to_thread(
-                    state.stepped, acc.fragment, acc.sums, divisor
-                )
+                async with self._weights_in_use.excluded():
+                    await asyncio.to_thread(state.step_, acc.fragment, acc.sums, divisor)
             assert r.members is not None
             sync_points = [
                 self.rounds.groups[g].info.get("sync_point")
@@ -637,6 +656,40 @@ class HubServer:
         )
 
 
+class _Readers:
+    """Downloads read the global weights together; an outer step updates them alone, in place."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._excluded = False
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._excluded)
+            self._count += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def excluded(self) -> AsyncIterator[None]:
+        """No download may start, and those running end, before the step goes on."""
+        async with self._changed:
+            self._excluded = True
+            await self._changed.wait_for(lambda: self._count == 0)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._excluded = False
+                self._changed.notify_all()
+
+
 # -- reading requests ---------------------------------------------------------------------
 
 
@@ -670,6 +723,24 @@ async def _read_header(request: web.Request) -> tuple[list[wire.Entry], dict[str
         raise guard.Refused(400, "bad_request", str(e)) from None
     except asyncio.IncompleteReadError:
         raise guard.Refused(400, "bad_request", "the body ended inside its header") from None
+
+
+async def _read_segment(request: web.Request, entry: wire.Entry, slot: bytearray) -> torch.Tensor:
+    """The next tensor of the body, read into ``slot`` (reused) and checked."""
+    view = memoryview(slot)[: entry.nbytes]
+    done = 0
+    try:
+        while done < entry.nbytes:
+            data = await request.content.read(min(entry.nbytes - done, 1 << 20))
+            if not data:
+                raise guard.Refused(400, "bad_request", f"the body ended inside {entry.name!r}")
+            view[done : done + len(data)] = data
+            done += len(data)
+    except (web.RequestPayloadError, ConnectionError) as e:
+        raise guard.Refused(400, "bad_request", f"the body broke off: {e}") from None
+    if wire.checksum(view) != entry.xxh3:
+        raise guard.Refused(400, "bad_checksum", f"tensor {entry.name!r} is damaged")
+    return torch.frombuffer(slot, dtype=torch.uint8, count=entry.nbytes)
 
 
 async def _read_tensor(request: web.Request, entry: wire.Entry) -> torch.Tensor:

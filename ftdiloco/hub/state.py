@@ -1,11 +1,10 @@
 """What the hub holds: the global weights, the outer optimizer, and the model's layout.
 
-The global weights of a step are never modified: an outer step makes new
-tensors and swaps them in, so a group still downloading the previous step's
-weights reads them whole while the next step is applied (copy on write).
-The outer optimizer is SGD with (Nesterov) momentum, as DiLoCo's; its lr
-and momentum can be changed live by the operator and are saved with the
-state.
+An outer step updates the global weights in place (the hub holds one copy
+of the model, plus one fp32 accumulator per round); the server keeps
+downloads and the step apart.  The outer optimizer is SGD with (Nesterov)
+momentum, as DiLoCo's; its lr and momentum can be changed live by the
+operator and are saved with the state.
 
 The state file is a safetensors file (the same layout as the wire, see
 :mod:`ftdiloco.hub.wire`), written to a temporary name, fsynced and renamed:
@@ -154,30 +153,28 @@ class GlobalState:
         """One fp32 buffer per flat of ``fragment``: where every submission is summed."""
         return [torch.zeros(n, dtype=torch.float32) for n in self.layout.flat_numels(fragment)]
 
-    def stepped(
-        self, fragment: int, sums: Sequence[torch.Tensor], divisor: float
-    ) -> list[torch.Tensor]:
-        """The weights after the outer step with pseudo-gradient ``sums / divisor`` on ``fragment``.
+    def step_(self, fragment: int, sums: Sequence[torch.Tensor], divisor: float) -> None:
+        """The outer step with pseudo-gradient ``sums / divisor`` on ``fragment``, in place.
 
-        New tensors for the fragment's parameters, the others shared: the
-        caller swaps the list in at once, so a download in progress keeps the
-        previous step whole.  The momentum is updated in place (only the
-        hub's own steps and saves read it, one at a time).
+        In place, so that the hub never holds a second copy of the model: the
+        server lets no download read the weights meanwhile.  ``sums`` is
+        used as scratch.
         """
         lr, beta = self.settings.lr, self.settings.momentum
-        weights = list(self.weights)
         for flat, total in zip(self.layout.fragments[fragment], sums, strict=True):
             offset = 0
             for i in flat:
                 n = self.layout.numel(i)
-                grad = total[offset : offset + n].view(self.layout.shapes[i]) / divisor
+                grad = total[offset : offset + n].view(self.layout.shapes[i]).div_(divisor)
                 offset += n
                 buf = self.momentum[i]
                 buf.mul_(beta).add_(grad)
                 update = grad.add_(buf, alpha=beta) if self.settings.nesterov else buf
-                old = weights[i]
-                weights[i] = old.float().add_(update, alpha=-lr).to(old.dtype)
-        return weights
+                w = self.weights[i]
+                if w.dtype == torch.float32:
+                    w.add_(update, alpha=-lr)
+                else:
+                    w.copy_(update.mul_(-lr).add_(w))
 
     def named_weights(self, fragment: int | None = None) -> list[tuple[str, torch.Tensor]]:
         """The global weights of ``fragment`` (None: all), in model order."""

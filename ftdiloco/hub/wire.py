@@ -40,9 +40,9 @@ __all__ = [
     "segments",
 ]
 
-# Values per encoded segment of a pseudo-gradient: the hub stages one segment
-# per submission being read (16 MiB in fp32) and adds it into its accumulator.
-SEGMENT = 1 << 22
+# Values per encoded segment of a pseudo-gradient: the hub stages a few
+# segments at a time (4 MiB each in fp32), whatever the model or the groups.
+SEGMENT = 1 << 20
 # A header longer than this is not one the hub or a group wrote.
 MAX_HEADER = 16 << 20
 _DTYPES = {code: dtype for dtype, code in SAFETENSORS_CODES.items()}
