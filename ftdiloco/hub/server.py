@@ -134,6 +134,9 @@ class HubServer:
         self._metrics = _Metrics()
         self._changed: asyncio.Condition | None = None
         self._acc: _Accumulator | None = None
+        # Each fragment's sum buffers, allocated once and zeroed per round: the
+        # memory stays put instead of being freed and taken again every step.
+        self._sums: dict[int, list[torch.Tensor]] = {}
         # Buffers a submission's segment is read into, one per ingest slot.
         self._slots: asyncio.Queue[bytearray] | None = None
         self._weights_in_use: _Readers | None = None
@@ -224,7 +227,6 @@ class HubServer:
 
     async def _wake(self) -> None:
         assert self._changed is not None
-        self._drop_stale_accumulator()
         self._metrics.groups.set(len(self.rounds.live(time.monotonic())))
         async with self._changed:
             self._changed.notify_all()
@@ -422,15 +424,14 @@ class HubServer:
     def _accumulator(self, round_id: int, fragment: int) -> _Accumulator:
         assert self.state is not None
         if self._acc is None or self._acc.round_id != round_id:
-            self._acc = _Accumulator(round_id, fragment, self.state.accumulators(fragment))
+            # A new round: the previous one committed or failed with nobody
+            # still streaming into it (Rounds opens no round before that).
+            sums = self._sums.get(fragment) or self.state.accumulators(fragment)
+            for t in sums:
+                t.zero_()
+            self._sums[fragment] = sums
+            self._acc = _Accumulator(round_id, fragment, sums)
         return self._acc
-
-    def _drop_stale_accumulator(self) -> None:
-        """A failed round's sums are garbage: free them (one model's worth of memory)."""
-        r = self.rounds.round
-        stale = self._acc is not None and (r is None or r.id != self._acc.round_id or r.failed)
-        if stale and (r is None or not r.receiving):
-            self._acc = None
 
     async def _accumulate(
         self,
