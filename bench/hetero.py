@@ -21,6 +21,8 @@ CPU work of other processes on the machine skews the rates: report
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -28,9 +30,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,6 +61,10 @@ class GroupRun:
     waited: float = 0.0
     committed: int = 0
     evals: list[tuple[int, float]] = field(default_factory=list)
+    # Of ``waited``: seconds in the quorum (the manager's "quorum" log lines:
+    # joining until the quorum formed, and a heal), the first one left out.
+    in_quorum: float = 0.0
+    quorums: int = 0
 
     def read(self, line: str) -> None:
         m = _STEP.search(line)
@@ -73,6 +80,20 @@ class GroupRun:
             self.committed += 1
             if m["eval"] is not None:
                 self.evals.append((int(m["step"]), float(m["eval"])))
+
+    def trained(self) -> float:
+        """Seconds from its first outer-step line to its last (0: fewer than two)."""
+        if self.first_line is None or self.last_line is None:
+            return 0.0
+        return self.last_line - self.first_line
+
+    def read_log(self, line: str) -> None:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == "quorum":
+                self.quorums += 1
+                if self.quorums > 1:
+                    self.in_quorum += float(record.get("seconds", 0.0))
 
 
 def run_mode(
@@ -115,7 +136,6 @@ def run_mode(
                 break
         assert url is not None, "the lighthouse did not say where it listens"
         threading.Thread(target=lighthouse.stdout.read, daemon=True).start()
-        readers = []
         for run in runs:
             factor = SLOWDOWN if run.index == SLOW else 1.0
             group_env = {**env, "FTDILOCO_LIGHTHOUSE": url, "REPLICA_GROUP_ID": str(run.index)}
@@ -130,17 +150,17 @@ def run_mode(
             proc = subprocess.Popen(
                 command,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL
-                if logs is None
-                else (logs / f"{mode}-g{run.index}.log").open("w"),
+                stderr=subprocess.PIPE,
                 text=True,
                 env=group_env,
             )
             procs.append(proc)
-            sink = None if logs is None else (logs / f"{mode}-g{run.index}.out").open("w")
-            reader = threading.Thread(target=_read, args=(proc, run, sink), daemon=True)
-            reader.start()
-            readers.append(reader)
+            for stream, suffix, read in (
+                (proc.stdout, "out", run.read),
+                (proc.stderr, "log", run.read_log),
+            ):
+                sink = None if logs is None else (logs / f"{mode}-g{run.index}.{suffix}").open("w")
+                threading.Thread(target=_read, args=(stream, read, sink), daemon=True).start()
         deadline = time.monotonic() + budget
         while time.monotonic() < deadline:
             time.sleep(0.2)
@@ -151,26 +171,24 @@ def run_mode(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
-    fast = [r for r in runs if r.index != SLOW]
-    idle = [
-        r.waited / (r.last_line - r.first_line)
-        for r in fast
-        if r.first_line is not None and r.last_line is not None and r.last_line > r.first_line
-    ]
-    trained = [r.last_line - r.first_line for r in fast if r.first_line and r.last_line]
+    fast = [r for r in runs if r.index != SLOW and r.trained() > 0]
+    idle = [r.waited / r.trained() for r in fast]
+    in_quorum = [r.in_quorum / r.trained() for r in fast]
+    trained = [r.trained() for r in fast]
     last_eval = max((e for r in fast for e in r.evals), default=(0, float("nan")))
     return {
         "idle": sum(idle) / len(idle) if idle else float("nan"),
+        "in_quorum": sum(in_quorum) / len(in_quorum) if in_quorum else float("nan"),
         "steps_per_min": max(r.committed for r in fast) / (max(trained) / 60) if trained else 0.0,
         "eval": last_eval[1],
         "step": float(last_eval[0]),
     }
 
 
-def _read(proc: subprocess.Popen[str], run: GroupRun, sink: TextIO | None) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        run.read(line)
+def _read(stream: IO[str] | None, read: Callable[[str], None], sink: TextIO | None) -> None:
+    assert stream is not None
+    for line in stream:
+        read(line)
         if sink is not None:
             sink.write(line)
             sink.flush()
@@ -221,10 +239,11 @@ def main() -> int:
     p.add_argument(
         "--pace",
         type=float,
-        default=0.01,
+        default=0.05,
         metavar="S",
-        help="sleep per inner step of every group, to leave the others some CPU;"
-        f" the slow group's steps take {SLOWDOWN:g} times as long in all (0.01)",
+        help="sleep per inner step of every group, so that three groups on a small machine"
+        " are not bound by its CPU (then nobody gains by not waiting);"
+        f" the slow group's steps take {SLOWDOWN:g} times as long in all (0.05)",
     )
     p.add_argument(
         "--modes",
@@ -244,6 +263,7 @@ def main() -> int:
         goal = "" if mode == "fixed" else "<= 0.05"
         met = None if mode == "fixed" else r["idle"] <= 0.05
         rows.append(Row(mode, "idle fraction of the fast groups", f"{r['idle']:.3f}", goal, met))
+        rows.append(Row(mode, "  of which joining and healing", f"{r['in_quorum']:.3f}"))
         rows.append(Row(mode, "committed outer steps / min", f"{r['steps_per_min']:.1f}"))
         rows.append(
             Row(mode, f"eval loss at {budget:.0f}s (step {r['step']:.0f})", f"{r['eval']:.3f}")
@@ -256,6 +276,7 @@ def main() -> int:
         args.json,
         {
             **{f"idle_{m}": r["idle"] for m, r in results.items()},
+            **{f"in_quorum_{m}": r["in_quorum"] for m, r in results.items()},
             **{f"loss_ratio_{m}": r["eval"] / fixed for m, r in results.items() if m != "fixed"},
             **{f"steps_per_min_{m}": r["steps_per_min"] for m, r in results.items()},
             **{f"eval_{m}": r["eval"] for m, r in results.items()},
