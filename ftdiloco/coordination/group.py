@@ -10,14 +10,17 @@ the same error.  No rank is ever left waiting.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from ftdiloco.config import Config
 from ftwire import guard, protocol
 from ftwire.background import BackgroundLoop
 from ftwire.history import HISTORY_CHARS
@@ -303,3 +306,32 @@ class GroupChannel:
                 self._headers,
             )
         return self._loop.run(coro, timeout=timeout + 10)
+
+
+def find_leader(
+    config: Config, group_rank: int, group_size: int, address: str
+) -> tuple[str, object | None]:
+    """Group rank 0's manager address (``address`` on rank 0), shared through torchrun's store.
+
+    Also returns the store on rank 0, which may host it: the caller keeps it
+    alive while the other ranks may still read.  The key includes torchrun's
+    restart count, so a restarted group never reads its previous leader.
+    """
+    if group_size == 1:
+        return address, None
+    from torch._C._distributed_c10d import TCPStore  # the training side only
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"ftdiloco/leader/{attempt}"
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = TCPStore(
+        config.master_addr,
+        config.master_port,
+        is_master=group_rank == 0 and not agent_store,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=config.quorum_timeout),
+    )
+    if group_rank == 0:
+        store.set(key, address)
+        return address, store
+    return store.get(key).decode(), None

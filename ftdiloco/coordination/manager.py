@@ -31,22 +31,18 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
 import torch
-from aiohttp import web
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from torch._C._distributed_c10d import TCPStore
 
 from ftdiloco.config import Config
 from ftdiloco.coordination import process_group
 from ftdiloco.coordination.allreduce import Work
 from ftdiloco.coordination.collective import Collective
-from ftdiloco.coordination.group import GroupChannel, GroupGather, QuorumAsk
+from ftdiloco.coordination.endpoint import Endpoint
+from ftdiloco.coordination.group import GroupChannel, GroupGather, QuorumAsk, find_leader
 from ftdiloco.coordination.leader import GroupLeader
 from ftdiloco.coordination.lost_members import LostMembers
 from ftdiloco.coordination.metrics import GroupMetrics
@@ -56,7 +52,7 @@ from ftdiloco.state.group_checkpoints import GroupCheckpoints
 from ftdiloco.state.healer import Healer
 from ftdiloco.state.registry import StateLoad, StateRegistry, StateSave
 from ftdiloco.training.compression import Codec
-from ftwire import guard, protocol
+from ftwire import protocol
 from ftwire.background import BackgroundLoop
 from ftwire.history import GENESIS, new_incarnation, next_history
 
@@ -104,7 +100,6 @@ class Manager:
         )
         self._leader: GroupLeader | None = None
         self._store: process_group.RendezvousStore | None = None
-        self._runner: web.AppRunner | None = None
         gather = GroupGather(
             self.group_size,
             {
@@ -114,7 +109,17 @@ class Manager:
                 "resume": self.checkpoints.decide_resume,
             },
         )
-        self.address, self._session = self._loop.run(self._serve(gather), timeout=30)
+        self._endpoint = Endpoint(
+            cfg,
+            self.group_rank,
+            self._healer.server,
+            self.metrics,
+            gather,
+            self.checkpoints,
+            self._lost_members,
+            lambda: self.step,
+        )
+        self.address, self._session = self._loop.run(self._endpoint.start(), timeout=30)
         if self.group_rank == 0:
             self._store = process_group.host_store(cfg.host, 0, cfg.collective_timeout, cfg.token)
             self._leader = GroupLeader(
@@ -129,7 +134,10 @@ class Manager:
                 self._log,
             )
             self._loop.run(self._leader.connect(), timeout=cfg.quorum_timeout + 5)
-        self._leader_url = self._find_leader()
+        # Rank 0 keeps torchrun's store alive (it may host it) for the others to read.
+        self._leader_url, self._leader_store = find_leader(
+            cfg, self.group_rank, self.group_size, self.address
+        )
         self._channel.connect(
             gather if self.group_rank == 0 else None, self._session, self._leader_url
         )
@@ -361,64 +369,11 @@ class Manager:
             self._log.warning("quorum member lost", member=replica_id, cause=cause)
             self._outcome.member_lost(replica_id)
 
-    def _find_leader(self) -> str:
-        """Group rank 0's manager address, shared through torchrun's store."""
-        if self.group_size == 1:
-            return self.address
-        cfg = self.config
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        key = f"ftdiloco/leader/{attempt}"
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = TCPStore(
-            cfg.master_addr,
-            cfg.master_port,
-            is_master=self.group_rank == 0 and not agent_store,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=cfg.quorum_timeout),
-        )
-        if self.group_rank == 0:
-            store.set(key, self.address)
-            self._leader_store = store
-            return self.address
-        return store.get(key).decode()
-
-    # -- this process's server (on the background loop) -------------------------------
-
-    async def _serve(self, gather: GroupGather) -> tuple[str, aiohttp.ClientSession]:
-        app = web.Application(client_max_size=protocol.MAX_MESSAGE_BYTES)
-        self._healer.server.add_routes(app)
-        app.router.add_get("/metrics", self._metrics_route)
-        if self.group_rank == 0:
-            gather.add_routes(app, self._token_ok)
-            app.router.add_post("/v1/checkpoint", self._checkpoint_route)
-            app.router.add_post("/v1/group/lost", self._lost_members.route)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = self.config.manager_port if self.group_rank == 0 else 0
-        site = web.TCPSite(runner, self.config.host, port)
-        await site.start()
-        self._runner = runner
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[attr-defined]
-        bound = sockets[0].getsockname()[1]
-        return f"http://{self.config.host}:{bound}", aiohttp.ClientSession()
-
     async def _shutdown(self) -> None:
-        # Long-polls from the other ranks would hold the server's cleanup.
-        self._lost_members.release_all()
+        await self._endpoint.close()
         if self._leader is not None:
             await self._leader.close()
         await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metrics_route(self, request: web.Request) -> web.Response:
-        """``GET /metrics``: this process's Prometheus metrics (read-only, as on the lighthouse)."""
-        return web.Response(
-            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    def _token_ok(self, request: web.Request) -> bool:
-        return guard.request_token_ok(request, self.config.token)
 
     # -- durable checkpoints (ftdiloco.state.group_checkpoints) ----------------------------
 
@@ -451,29 +406,20 @@ class Manager:
     ) -> Path:
         """Save this rank's registered state at the current step; returns the checkpoint's path.
 
-        Call between outer steps only: from ``start_quorum`` until the outer
-        optimizer has stepped the state is in flux.  A group whose last heal
-        failed holds torn state and refuses.  ``metadata`` (JSON) is stored
-        with the output of :attr:`checkpoint_metadata`.
+        Between outer steps only (the state is in flux from ``start_quorum`` to
+        the outer step); refused while a failed heal left the state torn.
         """
         return self.checkpoints.save(self._committed, self._healer.dirty, root, metadata)
 
     def resume(self, root: str | os.PathLike[str] | None = None) -> bool:
-        """Load the newest checkpoint that every rank of the group holds intact.
+        """Load the newest checkpoint every rank of the group holds intact; False if none.
 
-        Call on every rank, after the state is registered and before the
-        first outer step.  The ranks agree (a group round) on the step, so a
-        group never resumes at mixed steps; damaged checkpoints are skipped
-        with a warning.  The states' load callbacks receive the tensors, and
-        :attr:`step` and :attr:`history` become the saved ones; groups that
-        are further ahead still heal this one at the next quorum.  Returns
-        False if there is nothing to resume from.
-
-        Raises :class:`~ftdiloco.state.checkpoint.CheckpointError` if the checkpoint
-        does not fit the registered state (another model or optimizer):
-        silently starting over would lose the run.  If the checkpoint holds
-        tensors no state takes, that is found only after loading, so the
-        state may be partly overwritten when it raises.
+        On every rank, after registering the state and before the first outer
+        step; :attr:`step` and :attr:`history` become the saved ones (groups
+        further ahead still heal this one).  Raises
+        :class:`~ftdiloco.state.checkpoint.CheckpointError` if it does not fit
+        the registered state: silently starting over would lose the run.
+        Details: :meth:`GroupCheckpoints.resume`.
         """
         resumed = self.checkpoints.resume(root)
         if resumed is None:
@@ -484,42 +430,16 @@ class Manager:
     def maybe_checkpoint(self) -> Path | None:
         """Save if a checkpoint is due; DiLoCo and LocalSGD call this after every outer step.
 
-        Due means: ``FTDILOCO_CHECKPOINT_EVERY`` steps have been committed
-        since step 0, ``POST /v1/checkpoint`` asked for one, or a SIGTERM
-        arrived (see :meth:`install_sigterm_handler`).  A request reaches one
-        rank only, so the ranks first agree in a group round, and all of them
-        save the same step.  After a SIGTERM it saves and then raises
-        ``SystemExit`` (0, or 1 if the save failed), which leaves through the
-        caller's ``with`` blocks so the lighthouse sees the group go at once.
-        A failed periodic save is logged, not raised: the peers still hold
-        the run, and stopping the training would not bring the disk back.
+        Due: every ``FTDILOCO_CHECKPOINT_EVERY`` steps, on ``POST /v1/checkpoint``
+        or after a SIGTERM (then it raises ``SystemExit`` once saved).  Details:
+        :meth:`GroupCheckpoints.maybe_save`.
         """
         return self.checkpoints.maybe_save(self._committed, self._healer.dirty)
 
     def install_sigterm_handler(self) -> None:
         """On SIGTERM: save a checkpoint at the end of the current outer step, then exit.
 
-        Schedulers send SIGTERM some time before they kill a pre-empted job;
-        this keeps the progress since the last periodic checkpoint.  The
-        handler only sets a flag -- the training thread saves, at the next
-        step boundary (:meth:`maybe_checkpoint`) -- so the grace period must
-        cover the rest of an outer step plus a save.  A second SIGTERM, or
-        one after :meth:`close`, goes to the handler that was there before
-        (by default: the process ends at once).  Call from the main thread,
-        with a checkpoint directory configured.
+        The scheduler's grace period must cover the rest of an outer step plus
+        a save.  Details: :meth:`GroupCheckpoints.install_sigterm_handler`.
         """
         self.checkpoints.install_sigterm_handler(self._loop.loop.is_closed)
-
-    async def _checkpoint_route(self, request: web.Request) -> web.Response:
-        """``POST /v1/checkpoint``: save at the next step boundary (202, with the current step).
-
-        Only flags the request: the training thread saves, since the state
-        must not be read while training changes it.
-        """
-        guard.authorize(request, self.config.token)
-        if self.checkpoints.directory() is None:
-            raise guard.Refused(409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set")
-        self.checkpoints.requests += 1
-        self._log.info("checkpoint requested", peer=request.remote, step=self.step)
-        body = protocol.pack({"ok": True, "step": self.step})
-        return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from aiohttp import web
 
 from ftdiloco.config import Config
 from ftdiloco.state.checkpoint import (
@@ -29,6 +30,7 @@ from ftdiloco.state.checkpoint import (
     verify_checkpoint,
 )
 from ftdiloco.state.registry import StateRegistry
+from ftwire import guard, protocol
 from ftwire.history import GENESIS
 
 
@@ -115,7 +117,15 @@ class GroupCheckpoints:
         return path
 
     def resume(self, root: str | os.PathLike[str] | None = None) -> tuple[int, str] | None:
-        """Load the newest checkpoint every rank holds intact; its (step, history), or None."""
+        """Load the newest checkpoint every rank holds intact; its (step, history), or None.
+
+        The ranks agree (a group round) on the step, so a group never resumes
+        at mixed steps; damaged checkpoints are skipped with a warning.  The
+        states' load callbacks receive the tensors.  Raises CheckpointError if
+        the checkpoint does not fit the registered state (another model or
+        optimizer).  If it holds tensors no state takes, that is found only
+        after loading, so the state may be partly overwritten when it raises.
+        """
         directory = self._required_directory(root)
         intact: dict[int, Path] = {}
         for path in list_checkpoints(directory):
@@ -159,7 +169,15 @@ class GroupCheckpoints:
         return step, history if isinstance(history, str) else GENESIS
 
     def maybe_save(self, committed: tuple[int, str], dirty: bool) -> Path | None:
-        """Save if due (periodic, requested or SIGTERM); after a SIGTERM, exit (see Manager)."""
+        """Save if due (periodic, requested or SIGTERM); after a SIGTERM, exit.
+
+        A request reaches one rank only, so the ranks first agree in a group
+        round, and all of them save the same step.  After a SIGTERM it saves
+        and then raises ``SystemExit`` (0, or 1 if the save failed), which
+        leaves through the caller's ``with`` blocks so the lighthouse sees the
+        group go at once.  A failed periodic save is logged, not raised: the
+        peers still hold the run, and stopping would not bring the disk back.
+        """
         if self.directory() is None:
             return None
         requests = self.requests
@@ -185,7 +203,16 @@ class GroupCheckpoints:
         return path
 
     def install_sigterm_handler(self, closed: Callable[[], bool]) -> None:
-        """SIGTERM sets a flag; the next step boundary saves and exits (see Manager)."""
+        """SIGTERM sets a flag; the next step boundary saves and exits.
+
+        Schedulers send SIGTERM some time before they kill a pre-empted job;
+        this keeps the progress since the last periodic checkpoint.  The
+        handler only sets a flag -- the training thread saves at the next step
+        boundary -- since the state must not be read while training changes
+        it.  A second SIGTERM, or one after the manager closed (``closed``),
+        goes to the handler that was there before (by default the process ends
+        at once).  Call from the main thread, with a checkpoint directory.
+        """
         if self.directory() is None:
             raise ValueError("SIGTERM saves a checkpoint: set FTDILOCO_CHECKPOINT_DIR first")
         previous = signal.getsignal(signal.SIGTERM)
@@ -198,6 +225,26 @@ class GroupCheckpoints:
             self.stop_requested = True
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    # -- the operator's request (rank 0's server) -------------------------------------------
+
+    def add_routes(self, app: web.Application, step: Callable[[], int]) -> None:
+        """``POST /v1/checkpoint``: save at the next step boundary (202, with the current step).
+
+        Only flags the request: the training thread saves, since the state
+        must not be read while training changes it.
+        """
+
+        async def route(request: web.Request) -> web.Response:
+            guard.authorize(request, self.config.token)
+            if self.directory() is None:
+                raise guard.Refused(409, "no_checkpoint_dir", "FTDILOCO_CHECKPOINT_DIR is not set")
+            self.requests += 1
+            self._log.info("checkpoint requested", peer=request.remote, step=step())
+            body = protocol.pack({"ok": True, "step": step()})
+            return web.Response(status=202, body=body, content_type=protocol.CONTENT_TYPE)
+
+        app.router.add_post("/v1/checkpoint", route)
 
     # -- the group rounds (decided on rank 0) ---------------------------------------------
 
