@@ -36,7 +36,7 @@ _HOMES: dict[str, str] = {
 }
 
 # Top-level packages of the `train` extra (pyproject.toml).
-TRAIN_EXTRA_PACKAGES = frozenset({"torch", "safetensors", "numpy"})
+TRAIN_EXTRA_PACKAGES = frozenset({"torch", "safetensors", "numpy", "xxhash"})
 TRAIN_EXTRA_HINT = "pip install 'ftdiloco[train]'"
 
 
