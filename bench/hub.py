@@ -8,9 +8,10 @@
    submit the pseudo-gradient, take the new weights.  Ingest is the four
    submissions' bytes over the time from the first one's start to the last
    one's end (median over rounds).  Peak extra memory is the hub's peak RSS
-   during the rounds minus its RSS once it holds the model (the peak is reset
-   through /proc/PID/clear_refs after the first round); the goal is at most
-   twice the model: the one accumulator plus staged segments.
+   (VmHWM, the first group's upload of the initial weights included) minus
+   its RSS before any group came, minus the state it must hold (the weights
+   and the outer momentum, 2 x model); the goal is at most twice the model:
+   the one accumulator plus staged segments.
 2. ``hub_restart_lost_steps``: the same groups go on; right after a commit
    the hub is SIGKILLed and restarted on its port from its state file; the
    groups reconnect by themselves.  Lost = committed steps a group saw that
@@ -120,10 +121,9 @@ def ingest_and_restart(work: Path, model_mb: int, rounds: int) -> dict[str, Any]
     state = work / "hub-state.safetensors"
     with process_pool() as procs:
         hub = start_hub(procs, state, port)
+        idle = memory_kb(hub.pid, "VmRSS")
         groups = [Group(i, f"http://127.0.0.1:{port}", numel) for i in range(GROUPS)]
         run_groups(groups, 1)  # initialise, heal, one empty round
-        Path(f"/proc/{hub.pid}/clear_refs").write_text("5")  # reset the peak RSS
-        baseline = memory_kb(hub.pid, "VmRSS")
         first = len(groups[0].uploads)
         run_groups(groups, rounds)
         peak = memory_kb(hub.pid, "VmHWM")
@@ -162,7 +162,8 @@ def ingest_and_restart(work: Path, model_mb: int, rounds: int) -> dict[str, Any]
         restarted.kill()
     return {
         "hub_ingest_gbps": statistics.median(per_round),
-        "hub_peak_extra_mb": (peak - baseline) / 1024,
+        # Beyond the state itself (the weights and the outer momentum: 2 x model).
+        "hub_peak_extra_mb": (peak - idle) / 1024 - 2 * model_mb,
         "model_mb": model_mb,
         "hub_restart_lost_steps": max(0, seen - min(resumed_at, seen)),
         "hub_restart_consecutive": consecutive,

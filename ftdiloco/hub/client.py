@@ -97,6 +97,8 @@ class HubManager:
         self._submitted = False
         self.last_sync: SyncReport | None = None
         self._stop = threading.Event()
+        # One kept-alive connection per thread (training, sync, heartbeat).
+        self._local = threading.local()
         self._beats = threading.Thread(target=self._beat, name="ftdiloco-hub-beat", daemon=True)
         self._beats.start()
 
@@ -357,8 +359,13 @@ class HubManager:
         body: Sequence[memoryview] | bytes | None = None,
         length: int | None = None,
     ) -> _Response:
-        timeout = max(self.config.timeout, _POLL + 5)
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        reused = conn is not None
+        if conn is None:
+            timeout = max(self.config.timeout, _POLL + 5)
+            conn = self._local.conn = http.client.HTTPConnection(
+                self._host, self._port, timeout=timeout
+            )
         headers = dict(self._headers)
         try:
             if isinstance(body, bytes):
@@ -374,11 +381,13 @@ class HubManager:
                     conn.send(part)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
-            conn.close()
+            self._drop(conn)
+            if reused:  # a kept-alive connection the hub (or a relay) closed: once more, anew
+                return self._open(method, path, body, length)
             raise _Unreachable(f"{type(e).__name__}: {e}") from None
         if response.status >= 400:
             text = response.read()
-            conn.close()
+            self._drop(conn)
             try:
                 message = json.loads(text).get("message", "")
             except ValueError:
@@ -388,7 +397,13 @@ class HubManager:
             if response.status == 409 and b"stale_round" in text:
                 raise _Unreachable(message)
             raise HubError(f"the hub refused {method} {path.split('?')[0]}: {message}")
-        return _Response(conn, response)
+        return _Response(conn, response, self._drop)
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        """Close a connection that cannot carry another request; the next one opens anew."""
+        conn.close()
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
 
     def _call(
         self,
@@ -427,13 +442,17 @@ class HubManager:
 
 
 class _Response:
-    """A response and its connection, closed together."""
+    """A response on a kept-alive connection, which is dropped unless the body was read whole."""
 
     def __init__(
-        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
+        self,
+        conn: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+        drop: Callable[[http.client.HTTPConnection], None],
     ) -> None:
         self._conn = conn
         self._response = response
+        self._drop = drop
 
     def read(self, n: int | None = None) -> bytes:
         return self._response.read(n)
@@ -451,7 +470,8 @@ class _Response:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._conn.close()
+        if exc[0] is not None or not self._response.isclosed():
+            self._drop(self._conn)
 
 
 def _exactly(response: _Response) -> Callable[[int], bytes]:
