@@ -146,6 +146,7 @@ class HubServer:
         self._stopped: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._saved_step = self.rounds.step
+        self._initialising = False  # a group's upload of the first weights is under way
         self._dashboard = (
             importlib.resources.files("ftdiloco.hub").joinpath("dashboard.html").read_bytes()
         )
@@ -273,6 +274,8 @@ class HubServer:
         if self.state is None:
             if "layout" not in msg:
                 raise guard.Refused(400, "bad_request", "the hub has no weights: send 'layout'")
+            if self._initialising:
+                raise guard.Refused(409, "not_ready", "another group is sending the first weights")
             return guard.reply(request, {"status": "init"})
         if msg.get("fresh") is True:
             # A new process must take the global weights before it joins a round.
@@ -338,17 +341,25 @@ class HubServer:
             )
         except (KeyError, ValueError) as e:
             raise guard.Refused(400, "bad_request", f"init metadata: {e}") from None
-        if [e.name for e in entries] != list(layout.names):
+        if [entry.name for entry in entries] != list(layout.names):
             raise guard.Refused(400, "bad_request", "init tensors must be the layout's, in order")
-        weights = [await _read_tensor(request, e) for e in entries]
-        if self.state is not None:
+        if self.state is not None or self._initialising:
             return guard.reply(request, {"status": "exists"})  # another group was first
+        # One upload at a time: groups that start together would otherwise
+        # each stage a whole model here.
+        self._initialising = True
         try:
-            state = GlobalState(
-                layout, weights, settings, sync_point=int(meta.get("sync_point", 0))
-            )
-        except ValueError as e:
-            raise guard.Refused(400, "bad_request", str(e)) from None
+            weights = [torch.empty(entry.shape, dtype=entry.dtype) for entry in entries]
+            for entry, w in zip(entries, weights, strict=True):
+                await _read_into(request, entry, wire.tensor_bytes(w))
+            try:
+                state = GlobalState(
+                    layout, weights, settings, sync_point=int(meta.get("sync_point", 0))
+                )
+            except ValueError as e:
+                raise guard.Refused(400, "bad_request", str(e)) from None
+        finally:
+            self._initialising = False
         self.state = state
         await self.save()
         _log.info("global weights initialised", parameters=len(layout.names))
@@ -453,7 +464,8 @@ class HubServer:
             start, stop = wire.segments(acc.sums[int(flat)].numel())[int(seg)]
             slot = await self._slots.get()
             try:
-                payload = await _read_segment(request, entry, slot)
+                payload = torch.frombuffer(slot, dtype=torch.uint8, count=entry.nbytes)
+                await _read_into(request, entry, memoryview(slot)[: entry.nbytes])
                 self._metrics.ingest.inc(entry.nbytes)
                 target = acc.sums[int(flat)][start:stop]
                 if weight is None:
@@ -726,9 +738,8 @@ async def _read_header(request: web.Request) -> tuple[list[wire.Entry], dict[str
         raise guard.Refused(400, "bad_request", "the body ended inside its header") from None
 
 
-async def _read_segment(request: web.Request, entry: wire.Entry, slot: bytearray) -> torch.Tensor:
-    """The next tensor of the body, read into ``slot`` (reused) and checked."""
-    view = memoryview(slot)[: entry.nbytes]
+async def _read_into(request: web.Request, entry: wire.Entry, view: memoryview) -> None:
+    """The next tensor of the body, read straight into ``view`` and checked: no staging copy."""
     done = 0
     try:
         while done < entry.nbytes:
@@ -741,18 +752,6 @@ async def _read_segment(request: web.Request, entry: wire.Entry, slot: bytearray
         raise guard.Refused(400, "bad_request", f"the body broke off: {e}") from None
     if wire.checksum(view) != entry.xxh3:
         raise guard.Refused(400, "bad_checksum", f"tensor {entry.name!r} is damaged")
-    return torch.frombuffer(slot, dtype=torch.uint8, count=entry.nbytes)
-
-
-async def _read_tensor(request: web.Request, entry: wire.Entry) -> torch.Tensor:
-    """The next tensor of the body, checked against its checksum."""
-    try:
-        data = await request.content.readexactly(entry.nbytes)
-    except asyncio.IncompleteReadError:
-        raise guard.Refused(400, "bad_request", f"the body ended inside {entry.name!r}") from None
-    if wire.checksum(data) != entry.xxh3:
-        raise guard.Refused(400, "bad_checksum", f"tensor {entry.name!r} is damaged")
-    return torch.frombuffer(bytearray(data), dtype=entry.dtype).reshape(entry.shape)
 
 
 def _expected(
