@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -93,7 +92,7 @@ sys.path.insert(0, str(ROOT))
 from bench._common import Row, parser, print_table, write_json  # noqa: E402
 from bench._heal_worker import FIRST_OPTIMIZER, IMPORTS  # noqa: E402
 from ftdiloco.state.heal import StateServer, fetch_state  # noqa: E402
-from lighthouse.cli import listening_url  # noqa: E402
+from tests.procs import Proc, free_port, start_lighthouse  # noqa: E402
 
 GOAL_GBPS = 1.5
 # Issue 17: a heal within this fraction of what a bare socket moves in the same run.
@@ -338,41 +337,6 @@ def transfer_report(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]
 # -- restart: a killed group back to committing with its peers ----------------------
 
 
-class _Child:
-    """A child process whose stdout and stderr go to a file; ended by pid."""
-
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], output: Path) -> None:
-        self.name = name
-        self.output = output
-        with output.open("w") as sink:
-            self.popen = subprocess.Popen(
-                args,
-                cwd=ROOT,
-                env={**os.environ, **env},
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-
-    def check_alive(self, waiting_for: str) -> None:
-        code = self.popen.poll()
-        if code is not None:
-            raise RuntimeError(
-                f"{self.name} exited ({code}) while waiting for {waiting_for}:\n{self.tail()}"
-            )
-
-    def kill(self) -> None:
-        """SIGKILL, by pid; a process that already ended is left alone."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(30)
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.output.read_text(errors="replace") if self.output.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 class _Records:
     """A worker's JSONL records, read incrementally (only whole lines)."""
 
@@ -398,7 +362,7 @@ class _Records:
 def _wait_until(
     what: str,
     found: Callable[[], dict[str, Any] | None],
-    children: Sequence[_Child],
+    children: Sequence[Proc],
     timeout: float,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
@@ -407,7 +371,11 @@ def _wait_until(
         if record is not None:
             return record
         for child in children:
-            child.check_alive(what)
+            if not child.alive:
+                raise RuntimeError(
+                    f"{child.name} exited ({child.popen.poll()}) while waiting for {what}:\n"
+                    + child.tail(30)
+                )
         if time.monotonic() > deadline:
             tails = "\n".join(f"-- {c.name}:\n{c.tail()}" for c in children)
             raise TimeoutError(f"no {what} within {timeout:g} s\n{tails}")
@@ -484,52 +452,23 @@ class _Run:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.children: list[_Child] = []  # every process ever started, for the finally
-        self.groups: dict[int, _Child] = {}
+        self.children: list[Proc] = []  # every process ever started, for close()
+        self.groups: dict[int, Proc] = {}
         self.logs: dict[int, _Records] = {}
         self.incarnations = 0
-        lighthouse = self._start(
-            "lighthouse",
-            [
-                sys.executable,
-                "-m",
-                "lighthouse.cli",
-                "--bind",
-                "127.0.0.1:0",
-                "--min-replicas",
-                "2",
-            ],
-            {},
-        )
-
-        def listening() -> dict[str, Any] | None:
-            for line in lighthouse.output.read_text(errors="replace").splitlines():
-                url = listening_url(line)
-                if url is not None:
-                    return {"url": url}
-            return None
-
-        self.url = str(_wait_until("the lighthouse", listening, [lighthouse], 30)["url"])
-
-    def _start(self, name: str, args: list[str], env: Mapping[str, str]) -> _Child:
-        child = _Child(name, args, env, self.directory / f"{name}-{len(self.children)}.out")
-        self.children.append(child)
-        return child
+        _, self.url = start_lighthouse(self.children, "--min-replicas", "2")
 
     def start_group(self, group: int, catch_up: bool = True) -> float:
         """(Re)start a group under its REPLICA_GROUP_ID; returns the time just before Popen."""
         self.incarnations += 1
         log = self.directory / f"group{group}-{self.incarnations}.jsonl"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            master_port = s.getsockname()[1]
         env = {
             "FTDILOCO_LIGHTHOUSE": self.url,
             "REPLICA_GROUP_ID": str(group),
             "RANK": "0",
             "WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(master_port),
+            "MASTER_PORT": str(free_port()),
             "FTDILOCO_HOST": "127.0.0.1",
             "FTDILOCO_TIMEOUT": "30",
             "FTDILOCO_HEARTBEAT_INTERVAL": "0.2",
@@ -540,7 +479,8 @@ class _Run:
         }
         self.logs[group] = _Records(log)
         popen = time.time()
-        self.groups[group] = self._start(f"group{group}", [sys.executable, "-m", WORKER], env)
+        self.groups[group] = Proc(f"group{group}", [sys.executable, "-m", WORKER], env)
+        self.children.append(self.groups[group])
         return popen
 
     def close(self) -> None:
@@ -585,7 +525,7 @@ def _restart_episode(
     first_quorum = healing or quorums[0]
     # The Manager's own log line for the heal (structlog JSON on the child's stderr).
     heal_s = 0.0
-    for line in run.groups[victim].output.read_text(errors="replace").splitlines():
+    for line in list(run.groups[victim].output):
         if line.startswith("{") and '"event": "healed"' in line:
             heal_s = float(json.loads(line)["seconds"])
             break
