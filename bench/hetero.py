@@ -1,19 +1,22 @@
 """Groups of unequal speed: fixed H against DyLU and asynchronous DiLoCo (issue 14).
 
 Three groups train the example GPT; every inner step of one of them takes
-twice as long as its own compute (it sleeps as long as the step took: half
-speed on any machine, whatever the load), and every group sleeps a short
-``--pace`` after each step so that the three leave each other some CPU.  Each
+twice as long as the same step of the others (it sleeps as long as the step
+took: half speed on any machine, whatever the load), and every group sleeps
+``--pace`` in each step so that the three leave each other some CPU.  Each
 mode gets the same wall-clock budget.  Measured from the groups' outer-step
-lines:
+lines and logs, from their second outer step on (the first aligns them):
 
 * idle fraction of the fast groups: the time their inner loop waited in outer
-  steps, over their training time (with fixed H they wait for the slow group);
+  steps, over their training time (with fixed H they wait for the slow group),
+  and of it the share spent joining and healing (the manager's "quorum"
+  lines): the rest is the exchange, the vote and the outer step themselves;
 * committed outer steps per minute;
 * the held-out loss of the global weights at the end of the budget (every
   group evaluates the same committed weights; the last one a fast group saw).
 
-    .venv/bin/python bench/hetero.py [--quick] [--json PATH]
+    .venv/bin/python bench/hetero.py [--quick] [--json PATH] [--modes fixed,dylu,async]
+                                     [--logs DIR] [--pace S]
 
 CPU work of other processes on the machine skews the rates: report
 ``/proc/loadavg`` with the figures.
