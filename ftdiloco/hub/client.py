@@ -74,12 +74,8 @@ class HubManager:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
-        if self.config.hub is None:
+        if self.config.hub is None:  # Config checks the rest (one rank, sync mode)
             raise ConfigError("FTDILOCO_TOPOLOGY=hub needs FTDILOCO_HUB (the hub's URL)")
-        if self.config.world_size > 1:
-            raise ConfigError(
-                f"WORLD_SIZE={self.config.world_size}: the hub topology runs one rank per group"
-            )
         url = urllib.parse.urlsplit(self.config.hub)
         self._host, self._port = url.hostname or "", url.port or 80
         self._headers = {"Accept": guard.JSON}
