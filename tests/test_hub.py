@@ -5,6 +5,8 @@
 - The hub SIGKILLed and restarted mid-run: the groups reconnect by
   themselves, no committed step is lost or applied twice.
 - A group whose model differs is refused, naming the parameter.
+- DyLU through the hub; ``ftdiloco launch --topology hub``; the operator's
+  endpoints (dashboard, metrics, control actions behind the token).
 - Bad bytes get a 4xx, never a crash (I6).
 
 Processes are started through tests.procs and ended by PID by its pool.
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -205,3 +208,62 @@ def test_bad_requests_get_a_4xx(
     assert 400 <= response.status < 500, response.read()
     conn.close()
     assert status(port)["step"] == 0  # still serving
+
+
+def test_dylu_runs_through_the_hub(procs: list[Proc], tmp_path: Path) -> None:
+    """A group several times slower plans fewer inner steps; both end identical (I1)."""
+    port = free_port()
+    start_hub(procs, tmp_path / "state.safetensors", port, "--min-groups", "2")
+    url = f"http://127.0.0.1:{port}"
+    steps = ["--outer-steps", "4", "--sync-every", "8", "--dylu"]
+    fast = start_group(procs, 0, url, 2, *steps)
+    slow = start_group(procs, 1, url, 2, *steps, "--slowdown", "0.05")
+    done = [finished(fast), finished(slow)]
+    assert [d["committed"] for d in done] == [4, 4]
+    assert done[0]["eval_loss"] == done[1]["eval_loss"]
+    planned = [int(m.group(1)) for line in slow.output if (m := re.search(r"\| H (\d+),", line))]
+    assert planned and min(planned) < 8, slow.tail()
+
+
+def test_launch_topology_hub(tmp_path: Path) -> None:
+    """`ftdiloco launch --topology hub`: the hub in the lighthouse's role, the groups through it."""
+    command = [sys.executable, "-m", "ftdiloco.operate.cli", "launch", "--topology", "hub"]
+    command += ["--groups", "2", "--outer-steps", "2", "--status-line", "off", "--", *TRAIN]
+    with process_pool(tmp_path / "logs") as pool:
+        launch = Proc("launch", command)
+        pool.append(launch)
+        assert launch.wait(300) == 0, launch.tail()
+    assert any("success: all 2 groups finished" in line for line in launch.output)
+
+
+def test_operating_the_hub(procs: list[Proc], tmp_path: Path) -> None:
+    """Dashboard, metrics, status for anyone; every control action needs the token."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    port = free_port()
+    hub = start_hub(procs, tmp_path / "state.safetensors", port, "--token-file", str(token_file))
+
+    def ask(method: str, path: str, token: str | None = None) -> tuple[int, bytes, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, body=b"{}" if method == "POST" else None, headers=headers)
+        response = conn.getresponse()
+        policy = response.getheader("Content-Security-Policy", "")
+        answer = (response.status, response.read(), policy)
+        conn.close()
+        return answer
+
+    status_code, page, policy = ask("GET", "/")
+    assert status_code == 200 and b"kick" in page and "default-src 'none'" in policy
+    status_code, metrics, _ = ask("GET", "/metrics")
+    assert status_code == 200 and b"ftdiloco_hub_step" in metrics
+    assert status(port)["token_required"] is True
+    for path in ("/control/save", "/control/settings", "/control/kick", "/control/shutdown"):
+        assert ask("POST", path)[0] == 401
+        assert ask("POST", path, "wrong")[0] == 401
+    assert ask("POST", "/control/settings", TOKEN)[0] == 409  # no weights yet
+    assert ask("POST", "/control/save", TOKEN)[0] == 200
+    assert ask("POST", "/control/shutdown", TOKEN)[0] == 200
+    assert hub.wait(60) == 0
