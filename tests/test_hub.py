@@ -260,6 +260,14 @@ def test_operating_the_hub(procs: list[Proc], tmp_path: Path) -> None:
     status_code, metrics, _ = ask("GET", "/metrics")
     assert status_code == 200 and b"ftdiloco_hub_step" in metrics
     assert status(port)["token_required"] is True
+    cli = Proc(
+        "status",
+        [sys.executable, "-m", "ftdiloco.operate.cli", "status"],
+        env={"FTDILOCO_HUB": f"127.0.0.1:{port}", "FTDILOCO_TOKEN": TOKEN},
+    )
+    procs.append(cli)
+    assert cli.wait(60) == 0, cli.tail()
+    assert any(line.startswith(f"hub http://127.0.0.1:{port} | step 0") for line in cli.output)
     for path in ("/control/save", "/control/settings", "/control/kick", "/control/shutdown"):
         assert ask("POST", path)[0] == 401
         assert ask("POST", path, "wrong")[0] == 401
