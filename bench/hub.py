@@ -90,7 +90,7 @@ class Group:
                 sync_point=torch.zeros((), dtype=torch.int64),
                 outer_lr=0.7,
                 outer_momentum=0.9,
-                nesterov=True,
+                momentum_every=1,
                 adopt=lambda sync_point: None,
             )
         )

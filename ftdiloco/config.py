@@ -496,11 +496,6 @@ class Config:
             )
         object.__setattr__(self, "hub", _normalise_hub(ENV_VARS["hub"], self.hub))
         # What the hub does not carry yet (ftdiloco.hub.client).
-        if self.mode == "async":
-            raise ConfigError(
-                f"{ENV_VARS['mode']}=async does not run over the hub yet ({t}=hub):"
-                " use sync mode (DyLU works)"
-            )
         if self.world_size > 1:
             raise ConfigError(f"WORLD_SIZE={self.world_size}: {t}=hub runs one rank per group")
 

@@ -225,6 +225,25 @@ def test_dylu_runs_through_the_hub(procs: list[Proc], tmp_path: Path) -> None:
     assert planned and min(planned) < 8, slow.tail()
 
 
+def test_async_runs_through_the_hub(procs: list[Proc], tmp_path: Path) -> None:
+    """A slow group's stale pseudo-gradients are merged late; the fast one does not wait."""
+    port = free_port()
+    start_hub(procs, tmp_path / "state.safetensors", port)
+    url = f"http://127.0.0.1:{port}"
+    steps = ["--outer-steps", "6", "--sync-every", "8", "--mode", "async"]
+    fast = start_group(procs, 0, url, 2, *steps, FTDILOCO_ASYNC_GRACE="0.3")
+    slow = start_group(procs, 1, url, 2, *steps, "--slowdown", "0.1", FTDILOCO_ASYNC_GRACE="0.3")
+    done = [finished(fast), finished(slow)]
+    committed = [d["committed"] for d in done]
+    # The slow group may take one more step alone after the fast one left.
+    assert min(committed) >= 6 and status(port)["step"] == max(committed)
+    if committed[0] == committed[1]:
+        assert done[0]["eval_loss"] == done[1]["eval_loss"]  # the hub's weights (I1)
+    assert any("participants 1 " in line for line in fast.output), fast.tail()
+    stale = [int(m.group(1)) for line in slow.output if (m := re.search(r"stale (\d+)", line))]
+    assert stale and max(stale) > 0, slow.tail()
+
+
 def test_launch_topology_hub(tmp_path: Path) -> None:
     """`ftdiloco launch --topology hub`: the hub in the lighthouse's role, the groups through it."""
     command = [sys.executable, "-m", "ftdiloco.operate.cli", "launch", "--topology", "hub"]

@@ -47,7 +47,6 @@ def test_a_direct_job_is_unchanged() -> None:
         ({"FTDILOCO_HUB": "ftp://h:1"}, "FTDILOCO_HUB: hub address 'ftp://h:1' is not"),
         ({"FTDILOCO_HUB": "h:1/rooms/x"}, "FTDILOCO_HUB: hub address"),
         ({"FTDILOCO_HUB": "h"}, "FTDILOCO_HUB: hub address 'h' is not"),
-        ({"FTDILOCO_HUB": "h:1", "FTDILOCO_MODE": "async"}, "does not run over the hub yet"),
         ({"FTDILOCO_HUB": "h:1", "WORLD_SIZE": "2"}, "runs one rank per group"),
     ],
 )

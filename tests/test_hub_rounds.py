@@ -254,3 +254,15 @@ def test_random_event_sequences_keep_the_promises() -> None:
                     expected = Outcome.COMMITTED if member in c.members else Outcome.FAILED
                     assert r.outcome(member, c.round_id) is expected
         assert r.step == len(commits)
+
+
+def test_async_forms_without_a_straggler_after_the_shortest_grace() -> None:
+    r = rounds(liveness=100.0)
+    r.seen("slow", "slow-1", 0.0)
+    assert r.join("a", "a-1", 0, 0.0, grace=2.0).status is Joined.WAIT
+    assert r.join("b", "b-1", 0, 0.5, grace=1.0).status is Joined.WAIT
+    assert r.next_deadline(0.5) == 1.0  # the first join plus the shortest grace
+    r.tick(0.99)
+    assert r.round is not None and r.round.members is None
+    r.tick(1.0)
+    assert r.round.members == ("a", "b")

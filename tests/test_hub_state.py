@@ -21,10 +21,10 @@ LAYOUT = Layout(
 )
 
 
-def state() -> GlobalState:
+def state(momentum_every: int = 1) -> GlobalState:
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=g) for s in LAYOUT.shapes]
-    return GlobalState(LAYOUT, weights, OuterSettings(lr=0.7, momentum=0.9))
+    return GlobalState(LAYOUT, weights, OuterSettings(0.7, 0.9, momentum_every))
 
 
 def test_the_outer_step_is_torch_sgd_with_nesterov() -> None:
@@ -39,14 +39,30 @@ def test_the_outer_step_is_torch_sgd_with_nesterov() -> None:
         sgd.step()
         # Two groups that each sent the same pseudo-gradient: the sum over 2.
         total = torch.cat([grad.reshape(-1) for grad in grads]) * 2
-        hub.step_(0, [total], divisor=2.0)
+        hub.step_(0, [total], divisor=2.0, contributors=2)
     for w, p in zip(hub.weights, params, strict=True):
         torch.testing.assert_close(w, p.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_the_state_file_round_trips_and_damage_is_caught(tmp_path: Path) -> None:
-    hub = state()
-    hub.step_(0, [torch.ones(20)], divisor=1.0)
+def test_async_moves_the_momentum_every_n_contributions() -> None:
+    """Delayed Nesterov (hetero.delayed_nesterov_): plain SGD until the momentum is due."""
+    hub = state(momentum_every=2)
+    before = [w.clone() for w in hub.weights]
+    hub.step_(0, [torch.ones(20)], divisor=1.0, contributors=1)
+    for w, b in zip(hub.weights, before, strict=True):
+        torch.testing.assert_close(w, b - 0.7)
+    assert all(not m.any() for m in hub.momentum) and hub.counts[0].tolist() == [1, 1]
+    hub.step_(0, [torch.ones(20)], divisor=1.0, contributors=1)
+    assert all(torch.allclose(m, torch.ones_like(m)) for m in hub.momentum)  # mean of 2 ones
+    assert hub.counts[0].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("momentum_every", [1, 3])
+def test_the_state_file_round_trips_and_damage_is_caught(
+    tmp_path: Path, momentum_every: int
+) -> None:
+    hub = state(momentum_every)
+    hub.step_(0, [torch.ones(20)], divisor=1.0, contributors=1)
     hub.step, hub.sync_point = 3, 12
     hub.last_commit = Commit(5 << 32 | 9, 3, ("group0", "group1"))
     path = tmp_path / "hub.safetensors"
@@ -54,7 +70,9 @@ def test_the_state_file_round_trips_and_damage_is_caught(tmp_path: Path) -> None
     back = GlobalState.load(path)
     assert (back.step, back.sync_point, back.last_commit) == (3, 12, hub.last_commit)
     assert back.layout == LAYOUT and back.settings == hub.settings
-    for a, b in zip([*hub.weights, *hub.momentum], [*back.weights, *back.momentum], strict=True):
+    assert torch.equal(back.counts, hub.counts)
+    mine = [*hub.weights, *hub.momentum, *hub.pending]
+    for a, b in zip(mine, [*back.weights, *back.momentum, *back.pending], strict=True):
         assert torch.equal(a, b)
     assert not path.with_name(path.name + ".tmp").exists()
     data = bytearray(path.read_bytes())

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import http.client
 import json
+import math
 import secrets
 import threading
 import time
@@ -89,6 +90,7 @@ class HubManager:
         self._round: int | None = None
         self._fragment = 0
         self._info: dict[str, int | float | str | bool] = {}
+        self._grace: float | None = None
         self._synced = False  # holds the hub's weights of self._step
         self._submitted = False
         self.last_sync: SyncReport | None = None
@@ -128,7 +130,10 @@ class HubManager:
         self._info = dict(info)
 
     def set_join_grace(self, seconds: float | None) -> None:
-        raise ValueError("mode='async' does not run over the hub yet (sync mode and DyLU do)")
+        """Async mode: the hub forms a round without stragglers after this long."""
+        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"join grace must be a finite number of seconds >= 0, got {seconds}")
+        self._grace = seconds
 
     def start_quorum(self) -> QuorumPlan | None:
         weights = self._bound()
@@ -142,11 +147,13 @@ class HubManager:
                 "expected": self.config.num_replica_groups or 0,
                 # Not yet holding the hub's weights (a new process): heal before joining.
                 "fresh": not self._synced,
-                # "healed": this group brings nothing this round, which every
-                # member must know alike to weigh the others (DyLU, plan.recovering).
+                "grace": self._grace,
+                # "healed": every member must know it alike to weigh the round
+                # (plan.recovering); "step": the one the pseudo-gradient was
+                # taken at, as DiLoCo told it (async: its staleness).
                 "info": {
-                    **self._info,
                     "step": self._step,
+                    **self._info,
                     "sync_point": int(weights.sync_point),
                     "healed": healed,
                 },
@@ -206,7 +213,9 @@ class HubManager:
         needed here.
         """
         assert self._plan is not None and self._round is not None
-        empty = self._plan.heal or weight == 0.0
+        # DiLoCo's weight says it (a healed group's stale work may count, in async
+        # mode); without one, a group that healed this round brings nothing.
+        empty = weight == 0.0 if weight is not None else self._plan.heal
         meta = {"codec": codec.name if codec is not None else "fp32"}
         if weight is not None:
             meta["weight"] = repr(weight)
@@ -315,7 +324,7 @@ class HubManager:
             "layout": json.dumps(_layout(weights)),
             "lr": repr(weights.outer_lr),
             "momentum": repr(weights.outer_momentum),
-            "nesterov": "1" if weights.nesterov else "0",
+            "momentum_every": str(weights.momentum_every),
             "sync_point": str(int(weights.sync_point)),
         }
         head = wire.header(tensors, meta)

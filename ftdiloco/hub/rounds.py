@@ -13,9 +13,11 @@ One *round* per outer step, in sync mode:
 - The round *forms* (its members are fixed) once every live group has joined
   and at least as many as a joiner expects (its ``NUM_REPLICA_GROUPS``: at
   a job's start the others may not have been seen yet), or, after
-  ``join_timeout`` since its first join, with whoever joined, if they are at
-  least ``min_groups``.  A group that joins a formed round it is
-  not in waits for the next one.
+  ``join_timeout`` since its first join (in async mode: the joiners' grace),
+  with whoever joined, if they are at least ``min_groups``.  A group that
+  joins a formed round it is not in waits for the next one; if that is a
+  later step, it heals first and brings its stale pseudo-gradient (weighed,
+  discounted, by DiLoCo in async mode).
 - Each member submits its pseudo-gradient once.  A submission is keyed by
   (group, round): a retry of one already counted is acknowledged and not
   added again, so nothing is applied twice.  A submission that broke off
@@ -72,6 +74,7 @@ class Round:
     first_join: float
     joined: dict[str, str] = field(default_factory=dict)  # group -> incarnation, in join order
     expected: int = 0  # the most groups a joiner said the job has
+    grace: float | None = None  # async: the shortest wait for stragglers a joiner allows
     members: tuple[str, ...] | None = None  # fixed when it forms
     formed_at: float = 0.0
     receiving: set[str] = field(default_factory=set)
@@ -191,6 +194,7 @@ class Rounds:
         now: float,
         info: Info | None = None,
         expected: int = 0,
+        grace: float | None = None,
     ) -> JoinAnswer:
         self.seen(group, incarnation, now)
         if info is not None:
@@ -209,6 +213,8 @@ class Rounds:
             return JoinAnswer(Joined.FORMED, r) if formed else JoinAnswer(Joined.WAIT)
         r.joined[group] = incarnation
         r.expected = max(r.expected, expected)
+        if grace is not None:
+            r.grace = grace if r.grace is None else min(r.grace, grace)
         self.tick(now)
         return JoinAnswer(Joined.FORMED, r) if r.members is not None else JoinAnswer(Joined.WAIT)
 
@@ -283,7 +289,7 @@ class Rounds:
             return
         if r.members is None:
             everyone = set(self.live(now)) <= set(r.joined) and len(r.joined) >= r.expected
-            late = now - r.first_join >= self.join_timeout
+            late = now - r.first_join >= self._form_within(r)
             if len(r.joined) >= self.min_groups and (everyone or late):
                 r.members = tuple(r.joined)
                 r.formed_at = now
@@ -291,13 +297,17 @@ class Rounds:
             missing = sorted(set(r.members) - r.submitted)
             self._fail(f"no submission from {', '.join(missing)} in {self.round_timeout:g}s")
 
+    def _form_within(self, r: Round) -> float:
+        """How long a round waits for live groups that have not joined."""
+        return self.join_timeout if r.grace is None else min(self.join_timeout, r.grace)
+
     def next_deadline(self, now: float) -> float | None:
         """When :meth:`tick` may next change something (None: only events will)."""
         times = [m.seen + self.liveness for m in self.groups.values()]
         r = self.round
         if r is not None and r.failed is None:
             if r.members is None:
-                times.append(r.first_join + self.join_timeout)
+                times.append(r.first_join + self._form_within(r))
             elif not r.complete:
                 times.append(r.formed_at + self.round_timeout)
         return min(times, default=None)

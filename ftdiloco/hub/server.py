@@ -266,6 +266,11 @@ class HubServer:
         group, incarnation = _identity(msg)
         step = _int(msg, "step")
         expected = _int(msg, "expected") if "expected" in msg else 0
+        grace = msg.get("grace")
+        if grace is not None and not (
+            isinstance(grace, (int, float)) and math.isfinite(grace) and grace >= 0
+        ):
+            raise guard.Refused(400, "bad_request", "'grace' must be a number of seconds >= 0")
         info = msg.get("info") or {}
         if not isinstance(info, dict):
             raise guard.Refused(400, "bad_request", "'info' must be a map")
@@ -283,7 +288,9 @@ class HubServer:
             return guard.reply(request, {"status": "heal", "step": self.rounds.step})
 
         def ready() -> dict[str, Any] | None:
-            answer = self.rounds.join(group, incarnation, step, time.monotonic(), info, expected)
+            answer = self.rounds.join(
+                group, incarnation, step, time.monotonic(), info, expected, grace
+            )
             if answer.status is Joined.AHEAD:
                 raise guard.Refused(
                     409,
@@ -337,8 +344,10 @@ class HubServer:
                 float(meta["momentum"])
                 if self.options.outer_momentum is None
                 else self.options.outer_momentum,
-                meta.get("nesterov", "1") == "1",
+                int(meta.get("momentum_every", "1")),
             )
+            if settings.momentum_every < 1:
+                raise ValueError("momentum_every must be >= 1")
         except (KeyError, ValueError) as e:
             raise guard.Refused(400, "bad_request", f"init metadata: {e}") from None
         if [entry.name for entry in entries] != list(layout.names):
@@ -489,7 +498,9 @@ class HubServer:
             divisor = 1.0 if acc.weighted else float(max(acc.contributors, 1))
             if acc.contributors:
                 async with self._weights_in_use.excluded():
-                    await asyncio.to_thread(state.step_, acc.fragment, acc.sums, divisor)
+                    await asyncio.to_thread(
+                        state.step_, acc.fragment, acc.sums, divisor, acc.contributors
+                    )
             assert r.members is not None
             sync_points = [
                 self.rounds.groups[g].info.get("sync_point")
@@ -589,7 +600,7 @@ class HubServer:
             raise guard.Refused(400, "bad_request", "lr and momentum must be numbers") from None
         if not (math.isfinite(lr) and lr > 0 and 0 <= momentum < 1):
             raise guard.Refused(400, "bad_request", "need lr > 0 and 0 <= momentum < 1")
-        self.state.settings = OuterSettings(lr, momentum, old.nesterov)
+        self.state.settings = OuterSettings(lr, momentum, old.momentum_every)
         _log.info("outer settings changed", lr=lr, momentum=momentum)
         return guard.reply(request, {"lr": lr, "momentum": momentum})
 

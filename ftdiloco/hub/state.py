@@ -25,6 +25,7 @@ import torch
 from ftdiloco.hub import wire
 from ftdiloco.hub.rounds import Commit
 from ftdiloco.state.dtypes import SAFETENSORS_CODES
+from ftdiloco.training.hetero import delayed_nesterov_, momentum_due
 
 __all__ = ["GlobalState", "Layout", "OuterSettings"]
 
@@ -111,9 +112,12 @@ class Layout:
 
 @dataclass(frozen=True)
 class OuterSettings:
+    """The outer step: delayed Nesterov (ftdiloco.training.hetero), the momentum moving every
+    ``momentum_every`` contributions; 1 (sync mode) is exactly SGD with Nesterov momentum."""
+
     lr: float
     momentum: float
-    nesterov: bool = True
+    momentum_every: int = 1
 
 
 class GlobalState:
@@ -128,6 +132,8 @@ class GlobalState:
         step: int = 0,
         sync_point: int = 0,
         momentum: Sequence[torch.Tensor] | None = None,
+        pending: Sequence[torch.Tensor] | None = None,
+        counts: torch.Tensor | None = None,
         last_commit: Commit | None = None,
     ) -> None:
         for i, w in enumerate(weights):
@@ -141,6 +147,21 @@ class GlobalState:
             else [torch.zeros(w.shape, dtype=torch.float32) for w in weights]
         )
         self.settings = settings
+        # Delayed Nesterov: the outer gradients since the momentum last moved
+        # (only kept when it moves less often than every contribution), and
+        # per fragment the contributions and steps they came from.
+        self.pending = (
+            list(pending)
+            if pending is not None
+            else [torch.zeros(w.shape, dtype=torch.float32) for w in weights]
+            if settings.momentum_every > 1
+            else []
+        )
+        self.counts = (
+            counts
+            if counts is not None
+            else torch.zeros((len(layout.fragments), 2), dtype=torch.int64)
+        )
         self.step = step
         self.sync_point = sync_point
         self.last_commit = last_commit
@@ -153,28 +174,37 @@ class GlobalState:
         """One fp32 buffer per flat of ``fragment``: where every submission is summed."""
         return [torch.zeros(n, dtype=torch.float32) for n in self.layout.flat_numels(fragment)]
 
-    def step_(self, fragment: int, sums: Sequence[torch.Tensor], divisor: float) -> None:
+    def step_(
+        self, fragment: int, sums: Sequence[torch.Tensor], divisor: float, contributors: int
+    ) -> None:
         """The outer step with pseudo-gradient ``sums / divisor`` on ``fragment``, in place.
 
-        In place, so that the hub never holds a second copy of the model: the
-        server lets no download read the weights meanwhile.  ``sums`` is
-        used as scratch.
+        The rule is DiLoCo's own (``hetero.delayed_nesterov_``), so a job
+        steps alike through the hub or an allreduce.  In place, so that the
+        hub never holds a second copy of the model: the server lets no
+        download read the weights meanwhile.  ``sums`` is used as scratch.
         """
-        lr, beta = self.settings.lr, self.settings.momentum
+        counts = self.counts[fragment]
+        counts += torch.tensor([contributors, 1])
+        due = momentum_due(int(counts[0]), self.settings.momentum_every)
         for flat, total in zip(self.layout.fragments[fragment], sums, strict=True):
             offset = 0
             for i in flat:
                 n = self.layout.numel(i)
                 grad = total[offset : offset + n].view(self.layout.shapes[i]).div_(divisor)
                 offset += n
-                buf = self.momentum[i]
-                buf.mul_(beta).add_(grad)
-                update = grad.add_(buf, alpha=beta) if self.settings.nesterov else buf
-                w = self.weights[i]
-                if w.dtype == torch.float32:
-                    w.add_(update, alpha=-lr)
-                else:
-                    w.copy_(update.mul_(-lr).add_(w))
+                delayed_nesterov_(
+                    self.weights[i],
+                    grad,
+                    self.momentum[i],
+                    self.pending[i] if self.pending else torch.zeros_like(grad),
+                    steps=int(counts[1]),
+                    due=due,
+                    lr=self.settings.lr,
+                    beta=self.settings.momentum,
+                )
+        if due:
+            counts.zero_()
 
     def named_weights(self, fragment: int | None = None) -> list[tuple[str, torch.Tensor]]:
         """The global weights of ``fragment`` (None: all), in model order."""
@@ -189,6 +219,7 @@ class GlobalState:
         return {
             "step": str(self.step),
             "sync_point": str(self.sync_point),
+            "counts": json.dumps(self.counts.tolist()),
             "layout": json.dumps(self.layout.to_json()),
             "settings": json.dumps(self.settings.__dict__),
             "last_commit": json.dumps(
@@ -201,6 +232,9 @@ class GlobalState:
         tensors = [(f"weight.{n}", w) for n, w in zip(self.layout.names, self.weights, strict=True)]
         tensors += [
             (f"momentum.{n}", m) for n, m in zip(self.layout.names, self.momentum, strict=True)
+        ]
+        tensors += [
+            (f"pending.{n}", p) for n, p in zip(self.layout.names, self.pending, strict=False)
         ]
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
@@ -236,6 +270,8 @@ class GlobalState:
             step=int(meta["step"]),
             sync_point=int(meta["sync_point"]),
             momentum=[tensors[f"momentum.{n}"] for n in layout.names],
+            pending=[tensors[f"pending.{n}"] for n in layout.names if f"pending.{n}" in tensors],
+            counts=torch.tensor(json.loads(meta["counts"]), dtype=torch.int64),
             last_commit=None
             if commit is None
             else Commit(commit["round_id"], commit["step"], tuple(commit["members"])),

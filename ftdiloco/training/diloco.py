@@ -122,7 +122,7 @@ class GlobalWeights:
     sync_point: torch.Tensor  # the inner step the current sync started at
     outer_lr: float  # the outer optimizer's, for a hub that starts from this group
     outer_momentum: float
-    nesterov: bool
+    momentum_every: int  # delayed Nesterov's (1: plain Nesterov, sync mode)
     adopt: Callable[[int], None]  # run on from the backups, at this sync point
 
 
@@ -501,16 +501,26 @@ class DiLoCo(_OuterLoop):
             self._bind_host(self._host, model)
 
     def _bind_host(self, host: OuterStepHost, model: nn.Module) -> None:
-        """Hand the backups to a manager that steps the global weights itself (the hub)."""
-        if self.asynchronous:
-            raise ValueError("mode='async' does not run over a hub yet; use sync mode (or DyLU)")
+        """Hand the backups to a manager that steps the global weights itself (the hub).
+
+        The hub's outer step is DiLoCo's delayed Nesterov (every step in sync
+        mode: SGD with Nesterov momentum), so the outer optimizer must be one
+        it can stand for.
+        """
+        group = self.outer_optimizer.param_groups[0]
+        heavy_ball = float(group.get("momentum", 0.0)) > 0 and not group.get("nesterov", False)
+        if not isinstance(self.outer_optimizer, torch.optim.SGD) or heavy_ball:
+            raise ValueError(
+                "over a hub the outer step is SGD with Nesterov momentum, applied by the hub;"
+                f" got {type(self.outer_optimizer).__name__}"
+                + (" without nesterov=True" if heavy_ball else "")
+            )
         mine = {id(p) for p in self.params}
         first = 0
         layout = []
         for fragment in self.fragments:
             layout.append(tuple(tuple(first + i for i in g) for g in _by_dtype(fragment.params)))
             first += len(fragment.params)
-        group = self.outer_optimizer.param_groups[0]
         host.bind_global_weights(
             GlobalWeights(
                 names=tuple(n for n, p in model.named_parameters() if id(p) in mine),
@@ -519,7 +529,7 @@ class DiLoCo(_OuterLoop):
                 sync_point=self._sync_point,
                 outer_lr=float(group["lr"]),
                 outer_momentum=float(group.get("momentum", 0.0)),
-                nesterov=bool(group.get("nesterov", False)),
+                momentum_every=self.momentum_every if self.asynchronous else 1,
                 adopt=self._run_on_from,
             )
         )

@@ -85,8 +85,6 @@ class LaunchOptions:
             raise ValueError(f"topology must be direct or hub, got {self.topology!r}")
         if self.topology == "hub" and self.nproc_per_node > 1:
             raise ValueError("--topology hub runs one rank per group (--nproc-per-node 1)")
-        if self.topology == "hub" and self.mode == "async":
-            raise ValueError("--mode async does not run over the hub yet (--dylu does)")
         if self.outer_steps is not None and self.outer_steps < 1:
             raise ValueError(f"outer_steps must be >= 1, got {self.outer_steps}")
         # Checked here, before anything starts: torchrun would otherwise fail in
