@@ -659,16 +659,7 @@ class HubServer:
         }
 
     async def _dashboard_page(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self._dashboard,
-            content_type="text/html",
-            charset="utf-8",
-            headers={
-                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline';"
-                " style-src 'unsafe-inline'; connect-src 'self'",
-                "Cache-Control": "no-store",
-            },
-        )
+        return guard.page(self._dashboard)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         if self.state is not None:
