@@ -50,6 +50,14 @@ def test_local_steps(every: int, rate: float | None, fastest: float | None, expe
     assert local_steps(every, rate, fastest) == expected
 
 
+def test_rounding_never_costs_a_step() -> None:
+    # (3 * v) / v is 2.9999999999999996 for this v: floored, the fastest group took 2 of 3 steps.
+    v = 7934.93954600048
+    assert local_steps(3, v, v) == 3
+    assert local_steps(4, v * 0.75, v) == 3  # nor a group at exactly 3/4 of it
+    assert local_steps(100, 3.3, 10.0) == 33
+
+
 def test_local_steps_leaves_every_fragment_a_step() -> None:
     assert local_steps(100, 0.001, 10.0, minimum=4) == 4
 

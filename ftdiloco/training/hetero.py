@@ -48,7 +48,10 @@ def local_steps(every: int, rate: float | None, fastest: float | None, minimum: 
     """
     if rate is None or fastest is None or not rate > 0 or not fastest > 0:
         return every
-    steps = math.floor(every * rate / fastest)
+    # Floored with a nudge far above the rounding error: (H * v) / v came out
+    # as 2.9999999999999996 for about one rate in 15 (and so did the fastest
+    # group's own H when another group measured the same rate), one step short.
+    steps = math.floor(every * rate / fastest + 1e-9)
     return max(minimum, min(every, steps))
 
 
