@@ -167,8 +167,7 @@ def reply(request: web.Request, message: dict[str, Any], status: int = 200) -> w
 # The one policy for the pages a server serves (dashboards): their own inline
 # script and style only, fetches back to the same server, nothing else.
 PAGE_POLICY = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-    " connect-src 'self'"
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 )
 
 

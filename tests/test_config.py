@@ -507,5 +507,7 @@ def test_a_room_of_a_lighthouse_is_an_address(address: str, expected: str) -> No
     ],
 )
 def test_a_path_other_than_a_room_is_refused(address: str) -> None:
-    with pytest.raises(ConfigError, match=r"is not host:port, http://host:port or http://host:port/rooms/NAME"):
+    with pytest.raises(
+        ConfigError, match=r"is not host:port, http://host:port or http://host:port/rooms/NAME"
+    ):
         Config.from_env({"FTDILOCO_LIGHTHOUSE": address})
