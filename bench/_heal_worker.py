@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ftdiloco.coordination.manager import Manager  # noqa: E402
-from ftdiloco.training.diloco import DiLoCo, SyncReport, optimizer_tensors  # noqa: E402
+from ftdiloco.training.diloco import DiLoCo  # noqa: E402
+from ftdiloco.training.outer_loop import SyncReport, optimizer_tensors  # noqa: E402
 from ftwire import logs  # noqa: E402
 
 IMPORTED = time.time()

@@ -51,7 +51,8 @@ from model import GPT, MODEL_SIZES, ByteDataset, default_corpus  # noqa: E402
 from ftdiloco.config import Config  # noqa: E402
 from ftdiloco.coordination.manager import Manager  # noqa: E402
 from ftdiloco.training.data import ShardSampler  # noqa: E402
-from ftdiloco.training.diloco import DiLoCo, SyncReport, tensors_hash  # noqa: E402
+from ftdiloco.training.diloco import DiLoCo  # noqa: E402
+from ftdiloco.training.outer_loop import SyncReport, tensors_hash  # noqa: E402
 from ftwire import logs  # noqa: E402
 
 GROUPS = 2

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from ftdiloco.config import Config  # noqa: E402
 from ftdiloco.hub.client import HubManager  # noqa: E402
-from ftdiloco.training.diloco import GlobalWeights  # noqa: E402
+from ftdiloco.training.outer_loop import GlobalWeights  # noqa: E402
 from tests.procs import Proc, free_port, process_pool, start_lighthouse  # noqa: E402
 from tests.test_hub import Relay, start_hub  # noqa: E402
 

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from ftdiloco.config import Config
     from ftdiloco.coordination.manager import Manager
     from ftdiloco.training.data import ShardSampler
-    from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport
+    from ftdiloco.training.diloco import DiLoCo
+    from ftdiloco.training.local_sgd import LocalSGD
+    from ftdiloco.training.outer_loop import SyncReport
 
 __all__ = ["Config", "DiLoCo", "LocalSGD", "Manager", "ShardSampler", "SyncReport"]
 
@@ -29,10 +31,10 @@ __all__ = ["Config", "DiLoCo", "LocalSGD", "Manager", "ShardSampler", "SyncRepor
 _HOMES: dict[str, str] = {
     "Config": "ftdiloco.config",
     "DiLoCo": "ftdiloco.training.diloco",
-    "LocalSGD": "ftdiloco.training.diloco",
+    "LocalSGD": "ftdiloco.training.local_sgd",
     "Manager": "ftdiloco.coordination.manager",
     "ShardSampler": "ftdiloco.training.data",
-    "SyncReport": "ftdiloco.training.diloco",
+    "SyncReport": "ftdiloco.training.outer_loop",
 }
 
 # Top-level packages of the `train` extra (pyproject.toml).

@@ -39,7 +39,8 @@ from ftdiloco.state.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from ftdiloco.training.diloco import DiLoCo, optimizer_tensors, tensors_hash
+from ftdiloco.training.diloco import DiLoCo
+from ftdiloco.training.outer_loop import optimizer_tensors, tensors_hash
 from ftwire import protocol
 from tests.procs import ROOT, Proc, free_port, process_pool, start_lighthouse
 

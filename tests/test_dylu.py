@@ -16,7 +16,7 @@ from ftdiloco.coordination.manager import Manager
 from ftdiloco.coordination.metrics import GroupMetrics
 from ftdiloco.coordination.standalone import StandaloneManager
 from ftdiloco.training import diloco
-from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport
+from ftdiloco.training.diloco import DiLoCo
 from ftdiloco.training.hetero import (
     Contribution,
     contribution_weights,
@@ -28,6 +28,8 @@ from ftdiloco.training.hetero import (
     real_steps_at,
     staleness_discount,
 )
+from ftdiloco.training.local_sgd import LocalSGD
+from ftdiloco.training.outer_loop import SyncReport
 
 # -- DyLU: H_w = max(1, floor(H v_w / v_max)) -------------------------------------------------
 

@@ -22,7 +22,7 @@ from ftdiloco.examples.model import (
     default_corpus,
     load_corpus,
 )
-from ftdiloco.training.diloco import SyncReport
+from ftdiloco.training.outer_loop import SyncReport
 
 ROOT = Path(__file__).resolve().parents[1]
 

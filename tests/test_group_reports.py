@@ -18,7 +18,7 @@ from torch import nn
 
 from ftdiloco.config import Config
 from ftdiloco.coordination.manager import Manager
-from ftdiloco.training.diloco import LocalSGD
+from ftdiloco.training.local_sgd import LocalSGD
 from tests.test_checkpoint import Trainer, manager
 
 

@@ -340,7 +340,7 @@ def test_train_starts_every_worker_from_a_saved_model_and_refuses_foreign_pickle
     start = next(s for s in again.recorded_syncs if s["local_step"] == -1)
     model = MLP()
     model.load_state_dict(twin)
-    from ftdiloco.training.diloco import tensors_hash
+    from ftdiloco.training.outer_loop import tensors_hash
 
     # The entry step's global weights are the file's (no outer momentum yet: empty state).
     assert set(start["hashes"].values()) == {tensors_hash(list(model.parameters()))}

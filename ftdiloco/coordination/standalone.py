@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ftdiloco.coordination.allreduce import Work
     from ftdiloco.coordination.plan import QuorumPlan
     from ftdiloco.training.compression import Codec
-    from ftdiloco.training.diloco import SyncReport
+    from ftdiloco.training.outer_loop import SyncReport
 
 __all__ = ["StandaloneManager"]
 
@@ -49,7 +49,7 @@ STANDALONE_NOTE = (
 
 
 class StandaloneManager:
-    """Satisfies :class:`ftdiloco.training.diloco.OuterManager` for a group that is alone."""
+    """Satisfies :class:`ftdiloco.training.outer_loop.OuterManager` for a group that is alone."""
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()

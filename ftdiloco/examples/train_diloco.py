@@ -49,7 +49,7 @@ from ftdiloco.training.data import ShardSampler
 from ftwire import logs
 
 if TYPE_CHECKING:
-    from ftdiloco.training.diloco import SyncReport
+    from ftdiloco.training.outer_loop import SyncReport
 
 
 PROGRAM = "ftdiloco.examples.train_diloco"

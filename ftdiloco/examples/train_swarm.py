@@ -54,7 +54,8 @@ from ftdiloco.operate.launch.swarm import stage_room
 from ftdiloco.swarm import FORWARD, INFO_ADDRESS, Forwarder, StageServer, StageWorker, split_layers
 from ftdiloco.swarm.worker import Room
 from ftdiloco.training import events
-from ftdiloco.training.diloco import DiLoCo, optimizer_tensors, tensors_hash
+from ftdiloco.training.diloco import DiLoCo
+from ftdiloco.training.outer_loop import optimizer_tensors, tensors_hash
 from ftwire import logs
 from lighthouse.rooms import room_url
 

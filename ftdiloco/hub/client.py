@@ -1,6 +1,6 @@
 """A group's side of the hub: :class:`HubManager`, DiLoCo's manager when ``FTDILOCO_TOPOLOGY=hub``.
 
-It satisfies :class:`ftdiloco.training.diloco.OuterManager` (and
+It satisfies :class:`ftdiloco.training.outer_loop.OuterManager` (and
 ``PacedManager``, for DyLU), so the training script is the same as with
 a lighthouse: only the manager differs, chosen by configuration.
 
@@ -51,7 +51,7 @@ from ftdiloco.training.compression import Codec
 from ftwire import guard
 
 if TYPE_CHECKING:
-    from ftdiloco.training.diloco import GlobalWeights, SyncReport
+    from ftdiloco.training.outer_loop import GlobalWeights, SyncReport
 
 __all__ = ["HubError", "HubManager"]
 

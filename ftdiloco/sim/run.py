@@ -28,7 +28,8 @@ from ftdiloco.sim.output import Recorder, save_job_checkpoint, save_model
 from ftdiloco.sim.worker import ShardBatches, SimWorker, global_state_hash
 from ftdiloco.sim.world import SimWorld
 from ftdiloco.training.compression import get_codec
-from ftdiloco.training.diloco import DiLoCo, SyncReport
+from ftdiloco.training.diloco import DiLoCo
+from ftdiloco.training.outer_loop import SyncReport
 
 if TYPE_CHECKING:
     from ftdiloco.sim.simulator import DilocoSimulator, SimResult

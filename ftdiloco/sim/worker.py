@@ -19,7 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ftdiloco.sim.world import InlineExecutor, SimManager, SimWorld
-from ftdiloco.training.diloco import DiLoCo, LocalSGD, SyncReport, optimizer_tensors, tensors_hash
+from ftdiloco.training.diloco import DiLoCo
+from ftdiloco.training.local_sgd import LocalSGD
+from ftdiloco.training.outer_loop import SyncReport, optimizer_tensors, tensors_hash
 
 LossFn = Callable[..., torch.Tensor]
 

@@ -1,7 +1,7 @@
 """The in-process stand-ins for the lighthouse, the process group and the manager.
 
 A simulated worker runs the library's own :class:`~ftdiloco.training.diloco.DiLoCo` (or
-:class:`~ftdiloco.training.diloco.LocalSGD`) on its own thread, with a :class:`SimManager`
+:class:`~ftdiloco.training.local_sgd.LocalSGD`) on its own thread, with a :class:`SimManager`
 where a real group has a :class:`~ftdiloco.coordination.manager.Manager`.  What differs from
 a real job is only the transport:
 
@@ -38,7 +38,7 @@ from ftdiloco.training.compression import Codec, compressed_allreduce
 from ftwire.messages import Member, Quorum
 
 if TYPE_CHECKING:
-    from ftdiloco.training.diloco import SyncReport
+    from ftdiloco.training.outer_loop import SyncReport
 
 log = structlog.get_logger("ftdiloco.sim")
 

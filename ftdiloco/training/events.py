@@ -25,7 +25,7 @@ DONE = "done"
 
 
 class _Report(Protocol):
-    """The fields of ftdiloco.training.diloco.SyncReport an event carries."""
+    """The fields of ftdiloco.training.outer_loop.SyncReport an event carries."""
 
     @property
     def step(self) -> int: ...

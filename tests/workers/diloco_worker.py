@@ -54,7 +54,8 @@ from torch import nn
 from ftdiloco.coordination import process_group
 from ftdiloco.coordination.manager import Manager
 from ftdiloco.state.heal import StateServer
-from ftdiloco.training.diloco import DiLoCo, optimizer_tensors, tensors_hash
+from ftdiloco.training.diloco import DiLoCo
+from ftdiloco.training.outer_loop import optimizer_tensors, tensors_hash
 from ftwire import logs
 
 
