@@ -35,12 +35,13 @@ refused, by design, rather than silently rewound.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.resources
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ class HubServer:
         # Applying a step and saving never overlap (both read the momentum).
         self._writing: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ftdiloco-hub")
         self._stopped: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._saved_step = self.rounds.step
@@ -212,6 +214,7 @@ class HubServer:
         assert self._stopped is not None and self._runner is not None
         await self._stopped.wait()
         await self._runner.cleanup()
+        self._worker.shutdown(wait=True)  # a save in progress finishes
 
     async def _ticker(self) -> None:
         """Run the round rules' timers: at each deadline they may form or fail a round."""
@@ -498,7 +501,7 @@ class HubServer:
             divisor = 1.0 if acc.weighted else float(max(acc.contributors, 1))
             if acc.contributors:
                 async with self._weights_in_use.excluded():
-                    await asyncio.to_thread(
+                    await self._off_loop(
                         state.step_, acc.fragment, acc.sums, divisor, acc.contributors
                     )
             assert r.members is not None
@@ -522,6 +525,14 @@ class HubServer:
         )
         await self._wake()
 
+    async def _off_loop(self, work: Callable[..., None], *args: Any) -> None:
+        """Run the model-sized work (outer step, save) on the hub's one worker thread.
+
+        One thread, not asyncio's pool: each thread gets its own malloc arena,
+        and the step's temporaries freed in several arenas stayed resident.
+        """
+        await asyncio.get_running_loop().run_in_executor(self._worker, work, *args)
+
     async def save(self) -> None:
         assert self._writing is not None
         async with self._writing:
@@ -531,7 +542,7 @@ class HubServer:
         if self.state is None:
             return
         try:
-            await asyncio.to_thread(self.state.save, self.options.state_path)
+            await self._off_loop(self.state.save, self.options.state_path)
         except OSError as e:
             # A commit that cannot be made durable must not be answered: stop,
             # and let a restarted hub redo the round from the last saved state.
