@@ -366,7 +366,9 @@ class Manager:
     def _on_member_lost(self, replica_id: str, cause: str) -> None:
         plan = self._plan
         if plan is not None and replica_id in plan.participants:
-            self._log.warning("quorum member lost", member=replica_id, cause=cause)
+            # A member that left (closed cleanly: it finished) is no failure to warn of.
+            say = self._log.info if cause == "left" else self._log.warning
+            say("quorum member lost", member=replica_id, cause=cause)
             self._outcome.member_lost(replica_id)
 
     async def _shutdown(self) -> None:
