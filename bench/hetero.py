@@ -26,23 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import Row, parser, print_table, write_json  # noqa: E402
-from lighthouse.cli import LISTENING, listening_url  # noqa: E402
+from tests.procs import Proc, process_pool, start_lighthouse, temporary_log  # noqa: E402
 
 GROUPS = 3
 SLOW = 2  # the group index that runs at half speed
@@ -69,11 +64,11 @@ class GroupRun:
     in_quorum: float = 0.0
     quorums: int = 0
 
-    def read(self, line: str) -> None:
+    def read(self, line: str, now: float) -> None:
+        """One line of its output, which arrived at ``now``."""
         m = _STEP.search(line)
         if m is None:
             return
-        now = time.monotonic()
         if self.first_line is None:
             self.first_line = now  # the first step aligns everyone: count from there
         else:
@@ -104,11 +99,11 @@ def run_mode(
 ) -> dict[str, float]:
     """One job of three groups in ``mode`` (fixed, dylu, async) for ``budget`` seconds.
 
-    ``logs``: a directory for each group's log (where it waited: the
-    manager's "quorum" lines say for how long).
+    ``logs``: a directory for each process's stderr (``NAME.log``: where it
+    waited, the manager's "quorum" lines say for how long) and stdout
+    (``NAME-PID.log``, with arrival times).
     """
-    env = dict(os.environ)
-    env.update(
+    env = dict(
         OMP_NUM_THREADS="1",
         NUM_REPLICA_GROUPS=str(GROUPS),
         FTDILOCO_MIN_REPLICAS="2",
@@ -121,27 +116,18 @@ def run_mode(
     )
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
-    lighthouse = subprocess.Popen(
-        [sys.executable, "-m", "lighthouse.cli", "--bind", "127.0.0.1:0", "--min-replicas", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL if logs is None else (logs / f"{mode}-lighthouse.log").open("w"),
-        text=True,
-        env=env,
-    )
-    procs: list[subprocess.Popen[str]] = [lighthouse]
+
+    def log(name: str) -> IO[str]:
+        return temporary_log(name) if logs is None else (logs / f"{name}.log").open("w")
+
     runs = [GroupRun(i) for i in range(GROUPS)]
-    try:
-        assert lighthouse.stdout is not None
-        url = None
-        for line in lighthouse.stdout:
-            if LISTENING in line:
-                url = listening_url(line)
-                break
-        assert url is not None, "the lighthouse did not say where it listens"
-        threading.Thread(target=lighthouse.stdout.read, daemon=True).start()
+    with process_pool(save_to=logs) as procs:
+        _, url = start_lighthouse(
+            procs, "--min-replicas", "2", env=env, log=log(f"{mode}-lighthouse")
+        )
+        groups = []
         for run in runs:
             factor = SLOWDOWN if run.index == SLOW else 1.0
-            group_env = {**env, "FTDILOCO_LIGHTHOUSE": url, "REPLICA_GROUP_ID": str(run.index)}
             command = [
                 sys.executable,
                 __file__,
@@ -150,30 +136,23 @@ def run_mode(
                 *("--eval-every", "1", "--eval-batches", "2", "--sample-bytes", "0"),
                 *("--seed", "0"),
             ]
-            proc = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=group_env,
-            )
-            procs.append(proc)
-            for stream, suffix, read in (
-                (proc.stdout, "out", run.read),
-                (proc.stderr, "log", run.read_log),
-            ):
-                sink = None if logs is None else (logs / f"{mode}-g{run.index}.{suffix}").open("w")
-                threading.Thread(target=_read, args=(stream, read, sink), daemon=True).start()
+            name = f"{mode}-g{run.index}"
+            group_env = {**env, "FTDILOCO_LIGHTHOUSE": url, "REPLICA_GROUP_ID": str(run.index)}
+            groups.append(Proc(name, command, group_env, log=log(name)))
+            procs.append(groups[-1])
         deadline = time.monotonic() + budget
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            if any(p.poll() is not None for p in procs[1:]):
+            if not all(proc.alive for proc in groups):
                 raise RuntimeError(f"a group exited early in mode {mode}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        for run, proc in zip(runs, groups, strict=True):
+            proc.kill()
+            for arrived, line in list(proc.stamped):
+                run.read(line, arrived)
+            assert proc.log is not None
+            proc.log.flush()
+            for line in Path(proc.log.name).read_text(errors="replace").splitlines():
+                run.read_log(line)
     fast = [r for r in runs if r.index != SLOW and r.trained() > 0]
     idle = [r.waited / r.trained() for r in fast]
     in_quorum = [r.in_quorum / r.trained() for r in fast]
@@ -186,15 +165,6 @@ def run_mode(
         "eval": last_eval[1],
         "step": float(last_eval[0]),
     }
-
-
-def _read(stream: IO[str] | None, read: Callable[[str], None], sink: TextIO | None) -> None:
-    assert stream is not None
-    for line in stream:
-        read(line)
-        if sink is not None:
-            sink.write(line)
-            sink.flush()
 
 
 def run_group(factor: float, pace: float, argv: list[str]) -> int:
@@ -253,7 +223,7 @@ def main() -> int:
         default="fixed,dylu,async",
         help="which modes to run, comma-separated (fixed,dylu,async)",
     )
-    p.add_argument("--logs", type=Path, metavar="DIR", help="keep each group's log here")
+    p.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's output here")
     args = p.parse_args()
     budget = 45.0 if args.quick else 150.0
     modes = args.modes.split(",")
