@@ -17,41 +17,35 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
-import math
 import os
 import socket
 import time
-import zlib
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
-import prometheus_client
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ftwire import guard, protocol
 from ftwire.history import healing
-from ftwire.messages import DATA_INFO, DATA_LOSS, SETTINGS, Member, Quorum
+from ftwire.messages import SETTINGS, Member, Quorum
+from lighthouse.answer import JoinAnswer, msgpack_response
 from lighthouse.lease import Lease
+from lighthouse.metrics import LighthouseMetrics
 from lighthouse.quorum import Eviction, EvictionCause, QuorumConfig, QuorumCore, Update
 from lighthouse.settings import LiveSettings, quorum_step
+from lighthouse.timeline import PACE_KEYS, Timeline, member_pace
 
 _log = structlog.get_logger()
 
-# "_created" series double every counter's output and tell an operator nothing here.
-prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Replica frames are tiny heartbeats; anything near this is an attack or a bug.
 WS_MAX_FRAME_BYTES = 64 * 1024
-# Join answers from this size on are also sent deflated to clients that accept it
-# (below about one TCP segment, compressing saves no packet).
-_DEFLATE_FROM_BYTES = 1400
 # Events a replica may leave unread before its socket is closed as stuck.
 _OUTBOX_FRAMES = 256
 # Bounds on how long stop() may take when peers do not cooperate.
@@ -59,18 +53,10 @@ _WS_CLOSE_TIMEOUT = 2.0
 _SHUTDOWN_TIMEOUT = 5.0
 # A WebSocket close reason must fit in one control frame (125 bytes with the code).
 _CLOSE_REASON_BYTES = 120
-# What /status keeps for the dashboard: the latest events (evictions, restarts,
-# heals, discarded history, operator actions) and each quorum's member steps.
-_EVENTS = 200
-_STEP_POINTS = 600
 # Groups that left cleanly, shown as finished on /status until they come back.
 _FINISHED_KEPT = 256
 # How long a group's manager gets to answer a forwarded checkpoint request.
 _CHECKPOINT_ASK_S = 5.0
-_LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -128,59 +114,13 @@ _HttpError = guard.Refused
 
 
 @dataclass(frozen=True)
-class _Answer:
-    """A quorum's join answer, encoded once per formation and shared by all its members.
-
-    Large answers are also kept deflated (compressed once, not per request):
-    a quorum of 1000 members is ~180 kB of msgpack, mostly repeated keys and
-    similar addresses, that every member must receive; deflated it is a
-    tenth of that, and writing 1000 copies through the kernel is what makes
-    releasing a large quorum slow.
-    """
-
-    plain: bytes
-    deflated: bytes | None
-
-    @classmethod
-    def of(cls, body: bytes) -> _Answer:
-        deflated = zlib.compress(body, 1) if len(body) >= _DEFLATE_FROM_BYTES else None
-        return cls(body, deflated)
-
-    def response(self, request: web.Request) -> web.Response:
-        if self.deflated is not None and _accepts_deflate(request.headers.get("Accept-Encoding")):
-            return web.Response(
-                body=self.deflated,
-                content_type=protocol.CONTENT_TYPE,
-                headers={"Content-Encoding": "deflate"},
-            )
-        return _msgpack(self.plain)
-
-
-def _accepts_deflate(accept_encoding: str | None) -> bool:
-    """Whether an Accept-Encoding header (RFC 9110 12.5.3) allows ``deflate``."""
-    for coding in (accept_encoding or "").split(","):
-        name, _, params = coding.partition(";")
-        if name.strip().lower() in ("deflate", "*"):
-            quality = params.strip().lower().removeprefix("q=")
-            return params.strip() == "" or _positive(quality)
-    return False
-
-
-def _positive(quality: str) -> bool:
-    try:
-        return float(quality) > 0
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
 class _Waiter:
     """A join long-poll: resolved with the quorum's answer, or with the refusal to raise."""
 
-    future: asyncio.Future[_Answer | _HttpError]
+    future: asyncio.Future[JoinAnswer | _HttpError]
     arrived: float
 
-    def settle(self, outcome: _Answer | _HttpError) -> None:
+    def settle(self, outcome: JoinAnswer | _HttpError) -> None:
         # A client that hung up cancelled the future (its handler withdraws the join
         # once it runs); whatever is decided in between has nobody left to hear it.
         if not self.future.done():
@@ -227,78 +167,6 @@ class _Connection:
                 return  # closing: the receiving side notices and cleans up
 
 
-class _Metrics:
-    def __init__(self, alive: Callable[[], int]) -> None:
-        self.registry = CollectorRegistry()
-        self.quorums = Counter(
-            "lighthouse_quorums_formed", "Quorums formed.", registry=self.registry
-        )
-        self.latency = Histogram(
-            "lighthouse_quorum_latency_seconds",
-            "From the arrival of the last member's join to the release of every waiter.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.alive = Gauge(
-            "lighthouse_members_alive", "Replicas currently seen alive.", registry=self.registry
-        )
-        self.alive.set_function(alive)
-        self.evictions = Counter(
-            "lighthouse_evictions", "Replicas evicted.", ["cause"], registry=self.registry
-        )
-        for cause in EvictionCause:
-            self.evictions.labels(cause.value)
-        self.joins = Counter(
-            "lighthouse_join_requests", "Join requests received.", registry=self.registry
-        )
-        self.quorum_size = Gauge(
-            "lighthouse_quorum_size",
-            "Members of the quorum formed last (0 before the first).",
-            registry=self.registry,
-        )
-        self.joins_refused = Counter(
-            "lighthouse_joins_refused",
-            "Join requests refused, by reason (the error code of the answer).",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in _JOIN_REFUSALS:
-            self.joins_refused.labels(reason)
-        self.joins_timed_out = Counter(
-            "lighthouse_joins_timed_out",
-            "Join requests answered with a timeout: no quorum formed in the time they gave.",
-            registry=self.registry,
-        )
-        self.discarded = Counter(
-            "lighthouse_steps_discarded",
-            "Committed steps abandoned because every group holding them died.",
-            registry=self.registry,
-        )
-        self.fences = Counter(
-            "lighthouse_fences", "Commit fences answered.", ["commit"], registry=self.registry
-        )
-        for answer in ("true", "false"):
-            self.fences.labels(answer)
-
-
-# Refusals of a join an operator may want to see at zero before the first one.
-_JOIN_REFUSALS = (
-    "unauthorized",
-    "bad_request",
-    "too_large",
-    "standby",
-    "overloaded",
-    "shutting_down",
-    "stale_incarnation",
-    "superseded",
-    "evicted",
-)
-
-
-def _msgpack(body: bytes) -> web.Response:
-    return web.Response(body=body, content_type=protocol.CONTENT_TYPE)
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     return socket.create_server((host, port), family=family)
@@ -322,7 +190,7 @@ class LighthouseServer:
         self.core = QuorumCore(self.config.quorum_config(), first_quorum_id=self.epoch)
         self.stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop  # set by start(); every core call runs on it
-        self._metrics = _Metrics(lambda: len(self.core.last_seen()))
+        self._metrics = LighthouseMetrics(lambda: len(self.core.last_seen()))
         self._waiters: dict[str, _Waiter] = {}
         # The newest socket of each replica (what liveness follows), and all of them.
         self._sockets: dict[str, _Connection] = {}
@@ -342,11 +210,8 @@ class LighthouseServer:
         self._lease_task: asyncio.Task[None] | None = None
         self.settings = LiveSettings()
         self._joining: str | None = None  # the replica whose join the core is handling
-        self._events: deque[dict[str, Any]] = deque(maxlen=_EVENTS)
-        self._step_history: deque[dict[str, Any]] = deque(maxlen=_STEP_POINTS)
+        self._timeline = Timeline()
         self._finished: dict[str, float] = {}
-        # The incarnation each replica last took part in a quorum with.
-        self._incarnations: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -488,7 +353,9 @@ class LighthouseServer:
             discard = update.discarded
             self._metrics.discarded.inc(discard.last_step - discard.first_step + 1)
             _log.warning("history abandoned", detail=discard.describe())
-            self._event("discarded", discard.describe(), replica_ids=list(discard.replica_ids))
+            self._timeline.add(
+                "discarded", discard.describe(), replica_ids=list(discard.replica_ids)
+            )
         self._schedule(update)
         return update
 
@@ -501,9 +368,9 @@ class LighthouseServer:
             self._finished[rid] = time.time()
             while len(self._finished) > _FINISHED_KEPT:
                 del self._finished[next(iter(self._finished))]
-            self._event("left", f"{rid} left (closed cleanly)", replica_id=rid)
+            self._timeline.add("left", f"{rid} left (closed cleanly)", replica_id=rid)
         else:
-            self._event("eviction", f"{rid} evicted: {cause}", replica_id=rid, cause=cause)
+            self._timeline.add("eviction", f"{rid} evicted: {cause}", replica_id=rid, cause=cause)
         replaced = eviction.cause is EvictionCause.RESTARTED and rid == self._joining
         if rid in self._waiters and not replaced:
             # Its join no longer counts; without an answer it would wait out its
@@ -535,7 +402,7 @@ class LighthouseServer:
             step = quorum_step(quorum)
             changes = self.settings.for_quorum(step)
             encoded = protocol.encode_quorum(quorum, self._formed_unix, changes)
-            answer = _Answer.of(
+            answer = JoinAnswer.of(
                 protocol.pack({"quorum": encoded, "lease": self._lease is not None})
             )
         except Exception as e:
@@ -557,49 +424,12 @@ class LighthouseServer:
             self._metrics.latency.observe(self._loop.time() - last_arrival)
         self._metrics.quorums.inc()
         self._metrics.quorum_size.set(len(quorum.replica_ids))
-        self._quorum_events(quorum, step)
+        self._timeline.quorum(quorum, step, self._formed_unix)
         _log.info(
             "quorum formed",
             quorum_id=quorum.quorum_id,
             members=list(quorum.replica_ids),
             reason=reason,
-        )
-
-    def _event(self, kind: str, text: str, **fields: Any) -> None:
-        """One entry of the dashboard's timeline (bounded: the oldest go first)."""
-        self._events.append({"time": time.time(), "kind": kind, "text": text, **fields})
-
-    def _quorum_events(self, quorum: Quorum, step: int) -> None:
-        """Restarts and heals a quorum shows, and its members' steps for the chart."""
-        for m in quorum.members:
-            before = self._incarnations.get(m.replica_id)
-            if before is not None and m.incarnation and before != m.incarnation:
-                self._event(
-                    "restart",
-                    f"{m.replica_id} restarted and rejoined at step {m.step}",
-                    replica_id=m.replica_id,
-                )
-            if m.incarnation:
-                self._incarnations[m.replica_id] = m.incarnation
-            if m.step < step:
-                self._event(
-                    "heal",
-                    f"{m.replica_id} heals from step {m.step} to step {step}",
-                    replica_id=m.replica_id,
-                )
-        losses = {
-            m.replica_id: loss
-            for m in quorum.members
-            if type(loss := m.data.get(DATA_LOSS)) is float and math.isfinite(loss)
-        }
-        paces = {m.replica_id: pace for m in quorum.members if (pace := member_pace(m))}
-        self._step_history.append(
-            {
-                "time": self._formed_unix,
-                "steps": {m.replica_id: m.step for m in quorum.members},
-                "losses": losses,
-                "paces": paces,
-            }
         )
 
     def _schedule(self, update: Update) -> None:
@@ -684,7 +514,7 @@ class LighthouseServer:
 
     async def _wait_for_quorum(
         self, member: Member, timeout: float, arrived: float
-    ) -> _Answer | _HttpError:
+    ) -> JoinAnswer | _HttpError:
         """Register the join, then wait for a quorum; always ends with an outcome."""
         # Checked here, with no await before registering, so stop() cannot miss it.
         self._refuse_if_stopping()
@@ -698,7 +528,7 @@ class LighthouseServer:
                     409, "superseded", f"a newer join from {rid} replaced this one", replica=rid
                 ),
             )
-        future: asyncio.Future[_Answer | _HttpError] = self._loop.create_future()
+        future: asyncio.Future[JoinAnswer | _HttpError] = self._loop.create_future()
         waiter = self._waiters[rid] = _Waiter(future, arrived)
         # A join from a new incarnation evicts the old one (RESTARTED) in this
         # very call: that eviction must not answer this join's own waiter.
@@ -750,7 +580,7 @@ class LighthouseServer:
         rid, liveness = protocol.decode_heartbeat(await self._read_body(request))
         self._refuse_if_stale(rid, liveness.incarnation)
         self._beat(rid, liveness)
-        return _msgpack(protocol.pack({"ok": True}))
+        return msgpack_response(protocol.pack({"ok": True}))
 
     async def _fence(self, request: web.Request) -> web.Response:
         """``POST /v1/fence``: may this replica commit its quorum's step? (Always 200.)"""
@@ -761,12 +591,12 @@ class LighthouseServer:
         self._metrics.fences.labels("true" if fence.commit else "false").inc()
         if not fence.commit:
             _log.warning("commit refused", replica=rid, quorum_id=quorum_id, reason=fence.reason)
-            self._event(
+            self._timeline.add(
                 "rollback", f"{rid} may not commit: {fence.reason}", replica_id=rid, step=step
             )
         # A fence may have expired silent replicas: keep the timer right.
         self._drive(self.core.tick)
-        return _msgpack(protocol.encode_fence_answer(fence))
+        return msgpack_response(protocol.encode_fence_answer(fence))
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         self._authorize(request)
@@ -846,7 +676,7 @@ class LighthouseServer:
             conn.push(protocol.pack({"type": "kill", "reason": reason}))
         update = self._drive(lambda now: self.core.lost(rid, now, EvictionCause.KILLED))
         _log.warning("replica killed by operator", replica=rid, reason=reason, peer=request.remote)
-        self._event(
+        self._timeline.add(
             "kill", f"{rid} killed by operator: {reason or 'no reason given'}", replica_id=rid
         )
         known = bool(update.evicted) or conn is not None
@@ -856,7 +686,7 @@ class LighthouseServer:
         self._authorize(request)
         await guard.read_message(request, self.config.max_body_bytes)
         _log.warning("shutdown requested", peer=request.remote)
-        self._event("shutdown", "shutdown requested by operator")
+        self._timeline.add("shutdown", "shutdown requested by operator")
         self.request_stop()
         return guard.reply(request, {"ok": True})
 
@@ -879,7 +709,7 @@ class LighthouseServer:
         answers = await asyncio.gather(
             *(self._ask_checkpoint(address) for address in groups.values())
         )
-        self._event("checkpoint", f"checkpoint asked of {len(groups)} groups")
+        self._timeline.add("checkpoint", f"checkpoint asked of {len(groups)} groups")
         return guard.reply(request, {"groups": dict(zip(groups, answers, strict=True))})
 
     async def _ask_checkpoint(self, address: str | None) -> str:
@@ -922,7 +752,7 @@ class LighthouseServer:
         pending = self.settings.request(values)
         _log.warning("settings changed by operator", peer=request.remote, **pending)
         shown = ", ".join(f"{k} {v:g}" for k, v in sorted(pending.items()))
-        self._event(
+        self._timeline.add(
             "settings", f"settings changed: {shown} (from the step after the next quorum's)"
         )
         return guard.reply(
@@ -970,7 +800,7 @@ class LighthouseServer:
                     "incarnation": latest.incarnation if latest is not None else None,
                     "finished": rid in self._finished and rid not in seen,
                     # Groups of unequal speed (None: the group does not say).
-                    **{name: pace.get(name) for name in _PACE_KEYS.values()},
+                    **{name: pace.get(name) for name in PACE_KEYS.values()},
                 }
             )
         return {
@@ -1011,8 +841,8 @@ class LighthouseServer:
             ],
             "connections": {"open": self._open, "limit": self.config.max_connections},
             "settings": self.settings.status(),
-            "events": list(self._events),
-            "step_history": list(self._step_history),
+            "events": list(self._timeline.events),
+            "step_history": list(self._timeline.step_history),
             "config": self.config.public(),
         }
 
@@ -1033,30 +863,6 @@ class LighthouseServer:
             body=self.metrics_text(),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
-
-
-# What a group of unequal speed says of its pace in its join info (DiLoCo's
-# ``_tell_peers``), and the names /status and the step history give them.
-_PACE_KEYS = {"rate": "rate", "h": "local_steps", "staleness": "staleness"}
-
-
-def member_pace(member: Member) -> dict[str, float]:
-    """A member's inner-step rate, H and staleness, as far as its join info says (DyLU, async).
-
-    Empty for a group that says nothing of its pace (plain DiLoCo, LocalSGD);
-    values that are not finite numbers are left out: the info is free-form.
-    """
-    info = member.data.get(DATA_INFO)
-    if not isinstance(info, dict):
-        return {}
-    pace = {}
-    for key, name in _PACE_KEYS.items():
-        value = info.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # a bool is an int to isinstance, but no rate
-        if math.isfinite(value):
-            pace[name] = float(value)
-    return pace
 
 
 def _member_summary(member: Member) -> dict[str, Any]:

@@ -17,7 +17,8 @@ import pytest
 from ftwire import protocol
 from ftwire.messages import Member
 from lighthouse.quorum import Update
-from lighthouse.server import ServerConfig, member_pace
+from lighthouse.server import ServerConfig
+from lighthouse.timeline import member_pace
 from tests.lighthouse_support import (
     connect,
     eventually,
