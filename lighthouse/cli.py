@@ -10,20 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ftwire import guard, logs
+from ftwire import logs, serving
 
 if TYPE_CHECKING:
     from lighthouse.server import LighthouseServer, ServerConfig
 
-TOKEN_ENV = "FTDILOCO_TOKEN"
 DEFAULT_BIND = "0.0.0.0:29510"
 
 _log = structlog.get_logger()
@@ -40,14 +37,6 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def _bind_address(text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")  # [::1]:29510
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT with PORT in 0-65535, got {text!r}")
-    return host, int(port_text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--bind",
-        type=_bind_address,
+        type=serving.bind_address,
         default=DEFAULT_BIND,
         metavar="HOST:PORT",
         help=f"address to listen on; port 0 picks a free one (default {DEFAULT_BIND})",
@@ -122,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file",
         "--token_file",
         metavar="PATH",
-        help=f"file holding the shared token (default: ${TOKEN_ENV}, else no token)",
+        help=f"file holding the shared token (default: ${serving.TOKEN_ENV}, else no token)",
     )
     add(
         "--log-format",
@@ -134,54 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _token(parser: argparse.ArgumentParser, path: str | None) -> str | None:
-    if path is None:
-        return os.environ.get(TOKEN_ENV) or None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        parser.error(f"cannot read --token-file {path}: {e}")
-    if not token:
-        parser.error(f"--token-file {path} is empty")
-    return token
-
-
-async def _serve(server: LighthouseServer, host: str, port: int) -> int:
-    if server.config.token is None and not guard.is_loopback(host):
-        _log.warning(
-            "no token on a non-loopback address",
-            bind=host,
-            risk="anyone who can reach it can join, kill replicas or shut the lighthouse down",
-            fix=f"set --token-file or ${TOKEN_ENV}",
-        )
-    try:
-        url = await server.start(host, port)
-    except OSError as e:
-        print(f"lighthouse: cannot listen on {host}:{port}: {e}", file=sys.stderr)
-        return 1
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_stop)
-    # Only now: a script that signals us as soon as it reads the URL gets a clean stop.
-    print(f"{LISTENING}{url}", flush=True)
-    await server.wait_stopped()
-    return 0
-
-
-# The one line the daemon prints to stdout, once it accepts connections.
 LISTENING = "lighthouse listening on "
 
 
 def listening_url(line: str) -> str | None:
     """The URL in the daemon's "listening on" line; None for any other line."""
-    return line[len(LISTENING) :].strip() if line.startswith(LISTENING) else None
+    return serving.listening_url(line, LISTENING)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    token = _token(parser, args.token_file)
+    token = serving.token_from(parser, args.token_file)
     # Imported after the flags are checked, so that mistakes are answered without loading aiohttp.
     from lighthouse.server import ServerConfig
 
@@ -196,7 +149,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     run = _event_loop(parser, args.event_loop)
     logs.configure(args.log_format)
-    sys.exit(run(_serve(_daemon(parser, config, args.rooms), host, port)))
+    daemon = _daemon(parser, config, args.rooms)
+    sys.exit(
+        run(
+            serving.serve_until_stopped(
+                daemon, host, port, program="lighthouse", listening=LISTENING, token=token
+            )
+        )
+    )
 
 
 def _event_loop(

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from ftwire import guard, logs
-from lighthouse.cli import _bind_address, _token
+from ftwire import logs, serving
 
 __all__ = ["LISTENING", "add_arguments", "format_status", "listening_url", "run"]
 
@@ -26,7 +24,7 @@ LISTENING = "hub listening on "
 
 def listening_url(line: str) -> str | None:
     """The URL in the hub's "listening on" line; None for any other line."""
-    return line[len(LISTENING) :].strip() if line.startswith(LISTENING) else None
+    return serving.listening_url(line, LISTENING)
 
 
 def format_status(doc: dict[str, Any], address: str) -> str:
@@ -72,7 +70,7 @@ def _count(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--bind", type=_bind_address, default=("127.0.0.1", 29520), metavar="HOST:PORT",
+    add("--bind", type=serving.bind_address, default=("127.0.0.1", 29520), metavar="HOST:PORT",
         help="where to listen (default 127.0.0.1:29520; port 0: a free one)")  # fmt: skip
     add("--state", type=Path, default=Path("hub-state.safetensors"), metavar="PATH",
         help="the state file: loaded at start if it exists, saved atomically")  # fmt: skip
@@ -97,7 +95,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     host, port = args.bind
     options = HubOptions(
         state_path=args.state,
-        token=_token(parser, args.token_file),
+        token=serving.token_from(parser, args.token_file),
         min_groups=args.min_groups,
         join_timeout=args.join_timeout,
         round_timeout=args.round_timeout,
@@ -112,23 +110,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"ftdiloco hub: cannot load {args.state}: {e}", file=sys.stderr)
         return 1
-    return asyncio.run(_serve(server, host, port))
-
-
-async def _serve(server: object, host: str, port: int) -> int:
-    from ftdiloco.hub.server import HubServer
-
-    assert isinstance(server, HubServer)
-    if server.options.token is None and not guard.is_loopback(host):
-        print("ftdiloco hub: warning: no token on a non-loopback address", file=sys.stderr)
-    try:
-        url = await server.start(host, port)
-    except OSError as e:
-        print(f"ftdiloco hub: cannot listen on {host}:{port}: {e}", file=sys.stderr)
-        return 1
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_stop)
-    print(f"{LISTENING}{url}", flush=True)
-    await server.wait_stopped()
-    return 0
+    return asyncio.run(
+        serving.serve_until_stopped(
+            server, host, port, program="ftdiloco hub", listening=LISTENING, token=options.token
+        )
+    )
