@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
+from tenacity import RetryError, Retrying, retry_if_exception_type, wait_fixed
 
 from ftdiloco.config import Config, ConfigError
 from ftdiloco.coordination.allreduce import Work
@@ -349,13 +350,17 @@ class HubManager:
                 )
 
     def _retry(self, deadline: float, attempt: Callable[[], Any]) -> Any:
-        while True:
-            try:
-                return attempt()
-            except _Unreachable as e:
-                if time.monotonic() + _RETRY > deadline:
-                    raise TimeoutError(f"the hub {self.config.hub} did not answer: {e}") from None
-                time.sleep(_RETRY)
+        """``attempt()``, tried again every _RETRY s while the hub is unreachable (restarting)."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Unreachable),
+            wait=wait_fixed(_RETRY),
+            stop=lambda _: time.monotonic() + _RETRY > deadline,
+        )
+        try:
+            return retrying(attempt)
+        except RetryError as e:
+            cause = e.last_attempt.exception()
+            raise TimeoutError(f"the hub {self.config.hub} did not answer: {cause}") from None
 
     def _open(
         self,
